@@ -1,0 +1,273 @@
+"""The whole forecast: one function from plain inputs to an itemised result.
+
+Used by ``budget-callback plan`` (inputs from the command line) and by
+``BudgetCallback.setup`` (inputs gathered from the Trainer). No Trainer, no
+disk, no network here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from . import flops as F
+from .budgets import POLICIES, Verdict
+from .checkpoint import checkpoint_bytes
+from .gpus import gpu as lookup_gpu
+from .memory import TrainSetup, activation_bytes, max_batch_size, min_devices, peak_memory
+from .params import count_params
+from .shapes import ModelShape
+from .storage import SnapshotLayout, snapshot_count, solve_interval
+from .units import format_bytes
+from .wandb_usage import LoggingSpec, wandb_usage
+
+SCALING_VOCAB_SIZES = (128, 1_000, 5_000, 10_000, 32_000, 50_000)
+DEFAULT_MFU = 0.4
+
+
+@dataclass(frozen=True)
+class SnapshotSpec:
+    save_every_n_steps: int = 1
+    dtype: str = "bfloat16"
+    snapshots_per_file: int = 1
+    include_embedding: bool = False
+    queue_depth: int = 4  # snapshots waiting for the writer (bounded queue)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.save_every_n_steps, int) or isinstance(self.save_every_n_steps, bool) or self.save_every_n_steps <= 0:
+            raise ValueError(f"`save_every_n_steps` must be a positive integer, got {self.save_every_n_steps!r}")
+        if not isinstance(self.queue_depth, int) or self.queue_depth < 1:
+            raise ValueError(f"`queue_depth` must be a positive integer, got {self.queue_depth!r}")
+
+    def layout(self, shape: ModelShape) -> SnapshotLayout:
+        return SnapshotLayout(shape.vocab_size, shape.d_model, self.dtype, self.snapshots_per_file,
+                              self.include_embedding, shape.tied)
+
+
+@dataclass(frozen=True)
+class Budgets:
+    disk_bytes: int | None = None
+    memory_bytes: int | None = None  # None: the --gpu's memory, if any
+    wandb_bytes: int | None = None
+    on_exceed: str = "downsample"
+
+    def __post_init__(self) -> None:
+        if self.on_exceed not in POLICIES:
+            raise ValueError(f"`on_exceed` must be one of {', '.join(POLICIES)}, got {self.on_exceed!r}")
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    shape: ModelShape
+    setup: TrainSetup = TrainSetup()
+    steps: int = 1000
+    snapshot: SnapshotSpec = SnapshotSpec()
+    logging: LoggingSpec = LoggingSpec()
+    budgets: Budgets = Budgets()
+    gpu: str | None = None
+    mfu: float = DEFAULT_MFU
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps <= 0:
+            raise ValueError(f"`steps` must be a positive integer, got {self.steps!r}")
+        if not 0 < self.mfu <= 1:
+            raise ValueError(f"`mfu` must be in (0, 1], got {self.mfu!r}")
+        if self.gpu is not None:
+            lookup_gpu(self.gpu)
+
+
+@dataclass
+class Forecast:
+    """The setup-time forecast. ``to_dict()`` is the schema of ``plan --json``."""
+
+    inputs: PlanInputs
+    params: dict
+    memory: dict
+    flops: dict
+    time: dict
+    storage: dict
+    wandb: dict
+    verdicts: dict[str, Verdict]
+    save_every_n_steps: int
+    decision: str  # "fits" | "downsampled" | "abort" | "warn"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return all(v.fits for v in self.verdicts.values())
+
+    def snapshot_bytes_due(self, step: int) -> int:
+        """Forecast snapshot bytes written by optimizer step ``step`` (the projected curve)."""
+        return self.inputs.snapshot.layout(self.inputs.shape).series_bytes(min(step, self.inputs.steps), self.save_every_n_steps)
+
+    def to_dict(self) -> dict:
+        i = self.inputs
+        return {
+            "model": i.shape.to_dict(),
+            "run": {
+                **i.setup.to_dict(),
+                "steps": i.steps,
+                "seq_len": i.setup.seq(i.shape),
+                "snapshot": vars(i.snapshot).copy(),
+                "logging": i.logging.to_dict(),
+                "gpu": i.gpu,
+                "mfu": i.mfu,
+            },
+            "params": dict(self.params),
+            "memory": self.memory,
+            "flops": self.flops,
+            "time": self.time,
+            "storage": self.storage,
+            "wandb": self.wandb,
+            "budgets": {k: v.to_dict() for k, v in self.verdicts.items()},
+            "requested_save_every_n_steps": i.snapshot.save_every_n_steps,
+            "save_every_n_steps": self.save_every_n_steps,
+            "decision": self.decision,
+            "notes": list(self.notes),
+        }
+
+
+def _storage(inputs: PlanInputs, every: int, n_params: int, n_tensors: int, entries: int) -> dict:
+    shape, setup, snap = inputs.shape, inputs.setup, inputs.snapshot
+    layout = snap.layout(shape)
+    snaps = layout.series_bytes(inputs.steps, every)
+    ckpt = checkpoint_bytes(n_params, n_tensors, setup.prec.param_bytes, setup.optimizer, setup.momentum, entries)
+    kept = inputs.logging.checkpoints_kept(inputs.steps)
+    usage = wandb_usage(inputs.logging, inputs.steps, ckpt)
+    scaling = []
+    for vocab in SCALING_VOCAB_SIZES:
+        trial = replace(layout, vocab_size=vocab)
+        scaling.append({
+            "vocab_size": vocab,
+            "snapshot_file_bytes": trial.file_bytes(every, min(snap.snapshots_per_file, max(1, snapshot_count(inputs.steps, every))), every),
+            "snapshot_bytes": trial.series_bytes(inputs.steps, every),
+        })
+    return {
+        "snapshot_file_bytes": layout.file_bytes(every, snap.snapshots_per_file, every),
+        "snapshot_count": snapshot_count(inputs.steps, every),
+        "snapshot_files": -(-snapshot_count(inputs.steps, every) // snap.snapshots_per_file),
+        "snapshot_bytes": snaps,
+        "per_1000_steps_bytes": layout.series_bytes(1000, every),
+        "checkpoint_bytes": ckpt,
+        "checkpoints_kept": kept,
+        "checkpoints_bytes": kept * ckpt,
+        "wandb_staging_bytes": usage["artifact_staging_bytes"],
+        "total_bytes": snaps + kept * ckpt + usage["artifact_staging_bytes"],
+        "host_buffer_bytes": (snap.queue_depth + snap.snapshots_per_file) * layout.step_bytes,
+        "scaling": scaling,
+    }
+
+
+def forecast(inputs: PlanInputs, n_params: int | None = None, n_tensors: int | None = None,
+             state_dict_entries: int | None = None, activations_total: int | None = None,
+             activations_method: str | None = None, free_disk_bytes: int | None = None) -> Forecast:
+    """Forecast a run and apply the budget policy.
+
+    The callback passes exact ``n_params``/``n_tensors`` from the module and a
+    traced ``activations_total`` when the module is not a known transformer.
+    ``free_disk_bytes`` is the default disk budget when none is set.
+    """
+    shape, setup = inputs.shape, inputs.setup
+    params = count_params(shape)
+    if n_params is not None:
+        params = {"total": n_params}
+    n = params["total"]
+    if n_tensors is None:  # GPT-style module: 4 + 12 per layer (biases) or fewer
+        n_tensors = _tensor_count(shape)
+    notes: list[str] = []
+
+    # memory ------------------------------------------------------------------
+    mem = peak_memory(shape, setup, n, activations_total=activations_total)
+    device = lookup_gpu(inputs.gpu) if inputs.gpu else None
+    budget_memory = inputs.budgets.memory_bytes or (device.memory_bytes if device else None)
+    mem["activations"] = activation_bytes(shape, setup) if activations_total is None else {"total": activations_total}
+    mem["activations_method"] = activations_method or (
+        "analytic transformer (flash attention)" if setup.flash_attention else "analytic transformer (materialised attention)")
+    mem["budget_bytes"] = budget_memory
+    analytic = activations_total is None
+    mem["max_batch_size"] = max_batch_size(shape, setup, budget_memory, n) if budget_memory and analytic else None
+    mem["min_devices"] = min_devices(shape, setup, budget_memory, n) if budget_memory and analytic else None
+
+    # flops and time ----------------------------------------------------------
+    T = setup.seq(shape)
+    sequences = setup.micro_batch_size * setup.grad_accum * setup.world_size
+    step = F.train_flops_per_step(shape, T, sequences)
+    flops = {
+        "forward_per_sequence": F.forward_flops(shape, T),
+        "forward_per_step": step["forward"],
+        "backward_per_step": step["backward"],
+        "train_per_step": step["total"],
+        "optimizer_per_step": F.optimizer_flops(n, setup.optimizer, setup.momentum),
+        "palm_per_step": F.palm_flops_per_token(shape, T) * T * sequences,
+        "tokens_per_step": T * sequences,
+        "train_total": step["total"] * inputs.steps,
+    }
+    time = {"gpu": inputs.gpu, "peak_flops_per_device": None, "mfu": inputs.mfu, "step_seconds": None, "train_seconds": None}
+    if device:
+        peak = device.peak_flops(setup.prec.torch_dtype)
+        time.update(peak_flops_per_device=peak,
+                    step_seconds=F.train_seconds(step["total"], peak, setup.world_size, inputs.mfu),
+                    train_seconds=F.train_seconds(flops["train_total"], peak, setup.world_size, inputs.mfu))
+
+    # storage, W&B, budgets ---------------------------------------------------
+    entries = state_dict_entries if state_dict_entries is not None else n_tensors + (1 if shape.tied else 0)
+    requested = inputs.snapshot.save_every_n_steps
+    storage = _storage(inputs, requested, n, n_tensors, entries)
+    usage = wandb_usage(inputs.logging, inputs.steps, storage["checkpoint_bytes"])
+    budgets = inputs.budgets
+    disk_budget = budgets.disk_bytes if budgets.disk_bytes is not None else free_disk_bytes
+    verdicts = {
+        "disk": Verdict("disk", storage["total_bytes"], disk_budget),
+        "memory": Verdict("memory", mem["peak_bytes"], budget_memory),
+        "wandb": Verdict("wandb", usage["total_bytes"], budgets.wandb_bytes),
+    }
+    every, decision = requested, "fits"
+    layout = inputs.snapshot.layout(shape)
+    other_disk = storage["total_bytes"] - storage["snapshot_bytes"]
+    if not verdicts["disk"].fits:
+        solved = solve_interval(layout, inputs.steps, requested, disk_budget - other_disk)
+        verdicts["disk"].advice = _disk_advice(solved, requested, inputs, disk_budget - other_disk)
+        if budgets.on_exceed == "downsample" and solved is not None:
+            every, decision = solved, "downsampled"
+            storage = _storage(inputs, every, n, n_tensors, entries)
+            verdicts["disk"] = Verdict("disk", storage["total_bytes"], disk_budget)
+            notes.append(f"save_every_n_steps raised from {requested} to {every} so snapshots fit the disk budget")
+    if not verdicts["memory"].fits:
+        verdicts["memory"].advice = _memory_advice(mem)
+    if not verdicts["wandb"].fits:
+        verdicts["wandb"].advice = ["log less often (log_every_n_steps) or upload fewer checkpoints (log_model)"]
+    if not all(v.fits for v in verdicts.values()):
+        decision = "warn" if budgets.on_exceed == "warn" else "abort"
+    return Forecast(inputs, params, mem, flops, time, storage, usage, verdicts, every, decision, notes)
+
+
+def _tensor_count(shape: ModelShape) -> int:
+    per_layer = 2 * (2 if shape.norm == "layernorm" and shape.norm_bias else 1) + (4 if shape.bias else 2) * 2
+    return (1 + (1 if shape.learned_pos else 0) + shape.n_layer * per_layer
+            + (2 if shape.norm == "layernorm" and shape.norm_bias else 1) + (0 if shape.tied else 1))
+
+
+def _disk_advice(solved: int | None, requested: int, inputs: PlanInputs, room: int) -> list[str]:
+    layout = inputs.snapshot.layout(inputs.shape)
+    advice = []
+    if solved is not None:
+        advice.append(f"raise save_every_n_steps from {requested} to {solved}")
+    else:
+        advice.append(f"not even one snapshot fits: {format_bytes(max(room, 0))} left after checkpoints")
+    if inputs.snapshot.dtype == "float32":
+        advice.append("store snapshots as bfloat16 (half the bytes)")
+    if inputs.snapshot.include_embedding and not inputs.shape.tied:
+        advice.append("drop include_embedding (half the bytes)")
+    advice.append(f"or free {format_bytes(max(0, layout.series_bytes(inputs.steps, requested) - room))} on the disk")
+    return advice
+
+
+def _memory_advice(mem: dict) -> list[str]:
+    advice = []
+    if mem.get("max_batch_size"):
+        advice.append(f"largest micro-batch that fits: {mem['max_batch_size']}")
+    else:
+        advice.append("not even micro-batch 1 fits on one device")
+    if mem.get("min_devices"):
+        advice.append(f"fewest devices that fit under a sharded strategy: {mem['min_devices']}")
+    advice.append("or try activation checkpointing, bf16-true, or a sharded strategy (fsdp, deepspeed_stage_3)")
+    return advice
