@@ -65,6 +65,7 @@ class PlanInputs:
     budgets: Budgets = Budgets()
     gpu: str | None = None
     mfu: float = DEFAULT_MFU
+    checkpoints_share_disk: bool = True  # checkpoints and W&B staging land on the snapshots' file system
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps <= 0:
@@ -151,55 +152,75 @@ def _storage(inputs: PlanInputs, every: int, n_params: int, n_tensors: int, entr
         "checkpoints_kept": kept,
         "checkpoints_bytes": kept * ckpt,
         "wandb_staging_bytes": usage["artifact_staging_bytes"],
-        "total_bytes": snaps + kept * ckpt + usage["artifact_staging_bytes"],
+        "total_bytes": snaps + ((kept * ckpt + usage["artifact_staging_bytes"]) if inputs.checkpoints_share_disk else 0),
         "host_buffer_bytes": (snap.queue_depth + snap.snapshots_per_file) * layout.step_bytes,
         "scaling": scaling,
     }
 
 
-def forecast(inputs: PlanInputs, n_params: int | None = None, n_tensors: int | None = None,
-             state_dict_entries: int | None = None, activations_total: int | None = None,
-             activations_method: str | None = None, free_disk_bytes: int | None = None) -> Forecast:
+@dataclass(frozen=True)
+class Measured:
+    """Figures the callback takes from the real module instead of the analytic shape."""
+
+    n_params: int
+    n_tensors: int
+    state_dict_entries: int
+    memory: dict | None = None  # peak_memory()-shaped dict from a traced step; None: analytic
+    train_flops_per_sequence: int | None = None  # forward + backward FLOPs of one sequence, traced
+    method: str = "analytic transformer"
+
+
+def forecast(inputs: PlanInputs, measured: Measured | None = None, free_disk_bytes: int | None = None) -> Forecast:
     """Forecast a run and apply the budget policy.
 
-    The callback passes exact ``n_params``/``n_tensors`` from the module and a
-    traced ``activations_total`` when the module is not a known transformer.
-    ``free_disk_bytes`` is the default disk budget when none is set.
+    ``measured`` carries exact figures from a module (parameter and tensor
+    counts; for a module that is not a known transformer shape, a traced memory
+    peak and FLOPs). ``free_disk_bytes`` is the disk budget when none is set.
     """
     shape, setup = inputs.shape, inputs.setup
     params = count_params(shape)
-    if n_params is not None:
-        params = {"total": n_params}
-    n = params["total"]
-    if n_tensors is None:  # GPT-style module: 4 + 12 per layer (biases) or fewer
-        n_tensors = _tensor_count(shape)
+    n = params["total"] if measured is None else measured.n_params
+    if measured is not None and measured.n_params != params["total"]:
+        params = {"total": n}
+    n_tensors = measured.n_tensors if measured else _tensor_count(shape)
+    entries = measured.state_dict_entries if measured else n_tensors + (1 if shape.tied else 0)
+    traced = measured is not None and measured.memory is not None
     notes: list[str] = []
 
     # memory ------------------------------------------------------------------
-    mem = peak_memory(shape, setup, n, activations_total=activations_total)
     device = lookup_gpu(inputs.gpu) if inputs.gpu else None
     budget_memory = inputs.budgets.memory_bytes or (device.memory_bytes if device else None)
-    mem["activations"] = activation_bytes(shape, setup) if activations_total is None else {"total": activations_total}
-    mem["activations_method"] = activations_method or (
-        "analytic transformer (flash attention)" if setup.flash_attention else "analytic transformer (materialised attention)")
+    if traced:
+        mem = dict(measured.memory)
+        mem["activations"] = {"total": mem["phases"]["forward_backward"]["activations"]}
+        mem["activations_method"] = measured.method
+        mem["max_batch_size"] = mem["min_devices"] = None
+    else:
+        mem = peak_memory(shape, setup, n)
+        mem["activations"] = activation_bytes(shape, setup)
+        mem["activations_method"] = (measured.method if measured else "analytic transformer") + (
+            " (flash attention)" if setup.flash_attention else " (materialised attention)")
+        mem["max_batch_size"] = max_batch_size(shape, setup, budget_memory, n) if budget_memory else None
+        mem["min_devices"] = min_devices(shape, setup, budget_memory, n) if budget_memory else None
     mem["budget_bytes"] = budget_memory
-    analytic = activations_total is None
-    mem["max_batch_size"] = max_batch_size(shape, setup, budget_memory, n) if budget_memory and analytic else None
-    mem["min_devices"] = min_devices(shape, setup, budget_memory, n) if budget_memory and analytic else None
 
     # flops and time ----------------------------------------------------------
     T = setup.seq(shape)
     sequences = setup.micro_batch_size * setup.grad_accum * setup.world_size
     step = F.train_flops_per_step(shape, T, sequences)
+    if traced and measured.train_flops_per_sequence is not None:
+        total = measured.train_flops_per_sequence * sequences
+        step = {"forward": total // 3, "backward": total - total // 3, "total": total}
     flops = {
-        "forward_per_sequence": F.forward_flops(shape, T),
+        "forward_per_sequence": F.forward_flops(shape, T) if not traced else {"total": step["forward"] // sequences},
         "forward_per_step": step["forward"],
         "backward_per_step": step["backward"],
         "train_per_step": step["total"],
         "optimizer_per_step": F.optimizer_flops(n, setup.optimizer, setup.momentum),
-        "palm_per_step": F.palm_flops_per_token(shape, T) * T * sequences,
+        "palm_per_step": F.palm_flops_per_token(shape, T) * T * sequences if not traced else None,
         "tokens_per_step": T * sequences,
         "train_total": step["total"] * inputs.steps,
+        "method": "traced (torch.utils.flop_counter)" if traced else "analytic",
     }
     time = {"gpu": inputs.gpu, "peak_flops_per_device": None, "mfu": inputs.mfu, "step_seconds": None, "train_seconds": None}
     if device:
@@ -209,7 +230,6 @@ def forecast(inputs: PlanInputs, n_params: int | None = None, n_tensors: int | N
                     train_seconds=F.train_seconds(flops["train_total"], peak, setup.world_size, inputs.mfu))
 
     # storage, W&B, budgets ---------------------------------------------------
-    entries = state_dict_entries if state_dict_entries is not None else n_tensors + (1 if shape.tied else 0)
     requested = inputs.snapshot.save_every_n_steps
     storage = _storage(inputs, requested, n, n_tensors, entries)
     usage = wandb_usage(inputs.logging, inputs.steps, storage["checkpoint_bytes"])
@@ -237,6 +257,8 @@ def forecast(inputs: PlanInputs, n_params: int | None = None, n_tensors: int | N
         verdicts["wandb"].advice = ["log less often (log_every_n_steps) or upload fewer checkpoints (log_model)"]
     if not all(v.fits for v in verdicts.values()):
         decision = "warn" if budgets.on_exceed == "warn" else "abort"
+    if traced:
+        notes.append(f"activations and FLOPs from a traced training step ({measured.method})")
     return Forecast(inputs, params, mem, flops, time, storage, usage, verdicts, every, decision, notes)
 
 

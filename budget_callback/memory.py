@@ -192,6 +192,8 @@ def memory_phases(shape: ModelShape, setup: TrainSetup, n_params: int | None = N
     state = _model_state(shape, setup, n)
     acts = activation_bytes(shape, setup, batch)["total"] if activations_total is None else activations_total
     extras = _extras(shape, setup, n)
+    if activations_total is not None:  # a traced figure already holds the autocast copies
+        extras.pop("autocast_weight_copies", None)
     fb = {
         "params": state["params"],
         "gradients": state["gradients"] if setup.grad_accum > 1 else 0,
@@ -268,3 +270,34 @@ def min_devices(shape: ModelShape, setup: TrainSetup, budget_bytes: int, n_param
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if fits(mid) else (mid, hi)
     return hi
+
+
+def peak_memory_from_trace(trace: dict, setup: TrainSetup) -> dict:
+    """The :func:`peak_memory` result for a module whose step was traced with fake tensors.
+
+    ``trace`` is :func:`budget_callback.tracing.trace_training_step_memory`'s
+    result (one device, tensors as the step creates them). DDP adds its gradient
+    buckets; sharded strategies divide the model state by the world size.
+    """
+    W = setup.world_size
+    shard = W if setup.strategy != "ddp" else 1
+    params = (trace["params_bytes"] + trace["buffers_bytes"]) // shard
+    grads = trace["gradients_bytes"] // shard
+    opt = trace["optimizer_state_bytes"] // shard
+    buckets = trace["gradients_bytes"] if setup.strategy == "ddp" and W > 1 else 0
+    persistent = trace["params_bytes"] + trace["buffers_bytes"] + trace["optimizer_state_bytes"]
+    acts = max(trace["forward_peak_bytes"], trace["backward_peak_bytes"]) - persistent
+    fb = {"params": params, "gradients": grads if setup.grad_accum > 1 else 0, "optimizer": opt,
+          "activations": acts, "other": buckets}
+    step_temporaries = max(0, trace["optimizer_peak_bytes"] - persistent - trace["gradients_bytes"]) // shard
+    step = {"params": params, "gradients": grads, "optimizer": opt + step_temporaries, "activations": 0, "other": buckets}
+    for phase in (fb, step):
+        phase["total"] = sum(phase.values())
+    phases = {"forward_backward": fb, "optimizer_step": step}
+    name = max(phases, key=lambda k: phases[k]["total"])
+    at_peak = phases[name]
+    return {
+        "peak_bytes": at_peak["total"], "peak_phase": name, "params_bytes": at_peak["params"],
+        "gradients_bytes": at_peak["gradients"], "optimizer_bytes": at_peak["optimizer"],
+        "activations_bytes": at_peak["activations"], "other_bytes": at_peak["other"], "phases": phases,
+    }

@@ -1,0 +1,442 @@
+"""BudgetCallback: forecast at fit start, enforce budgets, stream exact snapshots of W."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from . import run_inputs as R
+from .budgets import POLICIES
+from .errors import BudgetExceededError
+from .forecast import Budgets, Forecast, Measured, PlanInputs, SnapshotSpec, forecast
+from .memory import peak_memory_from_trace
+from .report import render
+from .shapes import ModelShape
+from .storage import SNAPSHOT_DTYPES, SnapshotLayout
+from .tracing import trace_training_step_memory
+from .unembedding import MatrixSource, find_embedding, find_unembedding, is_tied
+from .units import format_bytes, parse_size
+from .writer import MANIFEST, WHEN_BEHIND, SnapshotWriter, clean_temporaries
+
+STATE_VERSION = 1
+
+
+class BudgetCallback(Callback):
+    """Forecast memory, disk and W&B usage; guard the budgets; stream W to safetensors.
+
+    See the README for every argument. Sizes take ints (bytes) or strings such
+    as ``"12GB"`` (powers of 1000) or ``"12GiB"`` (powers of 1024).
+    """
+
+    def __init__(
+        self,
+        snapshot_dir: str | os.PathLike = "snapshots",
+        save_every_n_steps: int = 1,
+        snapshot_dtype: str = "bfloat16",
+        snapshots_per_file: int = 1,
+        unembedding: str | Callable[[torch.nn.Module], torch.Tensor] | None = None,
+        include_embedding: bool = False,
+        disk_budget: int | str | None = None,
+        memory_budget: int | str | None = None,
+        wandb_budget: int | str | None = None,
+        on_exceed: str = "downsample",
+        *,
+        queue_depth: int = 4,
+        when_behind: str = "wait",
+        overwrite: bool = False,
+        fsync: bool = True,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(snapshot_dir, (str, os.PathLike)) or str(snapshot_dir) == "":
+            raise ValueError(f"`snapshot_dir` must be a path (str or os.PathLike), got {snapshot_dir!r}")
+        if not isinstance(save_every_n_steps, int) or isinstance(save_every_n_steps, bool) or save_every_n_steps <= 0:
+            raise ValueError(f"`save_every_n_steps` must be a positive integer, got {save_every_n_steps!r}")
+        if snapshot_dtype not in SNAPSHOT_DTYPES:
+            raise ValueError(f"`snapshot_dtype` must be one of {', '.join(SNAPSHOT_DTYPES)}, got {snapshot_dtype!r}")
+        if not isinstance(snapshots_per_file, int) or isinstance(snapshots_per_file, bool) or snapshots_per_file <= 0:
+            raise ValueError(f"`snapshots_per_file` must be a positive integer, got {snapshots_per_file!r}")
+        if unembedding is not None and not isinstance(unembedding, str) and not callable(unembedding):
+            raise ValueError(f"`unembedding` must be None, a parameter name or a callable, got {unembedding!r}")
+        if on_exceed not in POLICIES:
+            raise ValueError(f"`on_exceed` must be one of {', '.join(POLICIES)}, got {on_exceed!r}")
+        if not isinstance(queue_depth, int) or queue_depth < 1:
+            raise ValueError(f"`queue_depth` must be a positive integer, got {queue_depth!r}")
+        if when_behind not in WHEN_BEHIND:
+            raise ValueError(f"`when_behind` must be one of {', '.join(WHEN_BEHIND)}, got {when_behind!r}")
+        self.snapshot_dir = Path(snapshot_dir)
+        self.requested_save_every_n_steps = save_every_n_steps
+        self.save_every_n_steps = save_every_n_steps
+        self.snapshot_dtype = snapshot_dtype
+        self.snapshots_per_file = snapshots_per_file
+        self.unembedding = unembedding
+        self.include_embedding = bool(include_embedding)
+        self.disk_budget = None if disk_budget is None else parse_size(disk_budget, "disk_budget")
+        self.memory_budget = None if memory_budget is None else parse_size(memory_budget, "memory_budget")
+        self.wandb_budget = None if wandb_budget is None else parse_size(wandb_budget, "wandb_budget")
+        self.on_exceed = on_exceed
+        self.queue_depth = queue_depth
+        self.when_behind = when_behind
+        self.overwrite = overwrite
+        self.fsync = fsync
+        self.verbose = verbose
+
+        self.forecast: Forecast | None = None
+        self.projected_bytes = 0
+        self.events: list[dict] = []
+        self._writer: SnapshotWriter | None = None
+        self._sources: dict[str, MatrixSource] = {}
+        self._layout: SnapshotLayout | None = None
+        self._steps = 0
+        self._last_seen_step = 0
+        self._restored: dict | None = None
+        self._bytes_before_resume = 0
+        self._on_accelerator = False
+        self._pinned: dict[str, list[torch.Tensor]] = {}
+        self._submitted = 0
+        self._step_started = 0.0
+        self._step_seconds: list[float] = []
+
+    # --- public read-outs ----------------------------------------------------------------
+    @property
+    def bytes_written(self) -> int:
+        """Snapshot bytes actually on disk (this fit's files plus those kept from before a resume)."""
+        return self._bytes_before_resume + (self._writer.bytes_written if self._writer else 0)
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(snapshot_dir=str(self.snapshot_dir))
+
+    # --- setup ---------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.snapshot_dir.exists() and not self.snapshot_dir.is_dir():
+            raise ValueError(f"`snapshot_dir` {str(self.snapshot_dir)!r} exists and is not a directory")
+        if trainer.is_global_zero:
+            parent = self.snapshot_dir if self.snapshot_dir.exists() else _existing_parent(self.snapshot_dir)
+            if not os.access(parent, os.W_OK):
+                raise ValueError(f"`snapshot_dir` {str(self.snapshot_dir)!r} is not writable")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # checkpoint state (load_state_dict) is restored before this hook, so a resume is known here
+        resuming = self._restored is not None or trainer.ckpt_path is not None
+        self._sources = self._locate(pl_module)
+        V, D = self._sources["unembedding"].shape()
+        tied = "embedding" not in self._sources and self.include_embedding
+        self._layout = SnapshotLayout(V, D, self.snapshot_dtype, self.snapshots_per_file, self.include_embedding, tied)
+        self._steps = R.total_steps(trainer)
+        # one rank decides, every rank learns the decision: none raises alone and leaves the others waiting
+        decision: tuple[str | None, Forecast | None] = (None, None)
+        if trainer.is_global_zero:
+            try:
+                if (self.snapshot_dir / MANIFEST).exists() and not resuming and not self.overwrite:
+                    raise ValueError(
+                        f"`snapshot_dir` {str(self.snapshot_dir)!r} already holds snapshots of another run; "
+                        "choose another directory, resume with trainer.fit(..., ckpt_path=...), "
+                        "or pass BudgetCallback(overwrite=True) to replace them")
+                decision = (None, self._forecast(trainer, pl_module))
+            except ValueError as err:
+                decision = (str(err), None)
+        error, result = trainer.strategy.broadcast(decision, src=0)
+        if error is not None:
+            raise ValueError(error)
+        self.forecast = result
+        if self._restored:  # resumed: keep the interval the run already uses, no second surprise
+            self.save_every_n_steps = int(self._restored["save_every_n_steps"])
+            self._last_seen_step = int(self._restored["global_step"])
+        else:
+            self.save_every_n_steps = result.save_every_n_steps
+        self.projected_bytes = self._layout.series_bytes(self._steps, self.save_every_n_steps)
+        if trainer.is_global_zero and self.verbose:
+            rank_zero_info(self._report(result))
+        if result.decision == "abort":
+            failed = [v.line() for v in result.verdicts.values() if not v.fits]
+            raise BudgetExceededError(
+                "budget-callback: the run does not fit its budget, nothing was written. " + " | ".join(failed))
+        if result.decision == "warn":
+            failed = [v.line() for v in result.verdicts.values() if not v.fits]
+            warnings.warn("budget-callback: " + " | ".join(failed), stacklevel=2)
+        if trainer.is_global_zero:
+            self._start_writer(trainer)
+
+    def _locate(self, pl_module: pl.LightningModule) -> dict[str, MatrixSource]:
+        w = find_unembedding(pl_module, self.unembedding)
+        sources = {"unembedding": w}
+        if self.include_embedding:
+            e = find_embedding(pl_module)
+            if e is None:
+                raise ValueError("`include_embedding=True` but no input embedding was found "
+                                 "(tried get_input_embeddings() and nn.Embedding layers)")
+            if not is_tied(w, e):
+                sources["embedding"] = e
+        return sources
+
+    def _forecast(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Forecast:
+        shape = R.find_shape(pl_module)
+        memory_default, self._on_accelerator = R.memory_budget_default(pl_module)
+        optimizer, momentum, impl, opt = R.optimizer_settings(trainer, self._on_accelerator)
+        batch = R.first_batch(trainer)
+        dims = R.batch_dims(batch) or (1, None)
+        V, D = self._sources["unembedding"].shape()
+        tied = "embedding" not in self._sources and is_tied(self._sources["unembedding"], find_embedding(pl_module))
+        if shape is None:
+            shape = ModelShape(vocab_size=V, d_model=D, n_layer=1, n_head=1, n_ctx=dims[1] or 1, tied=tied,
+                               name=type(pl_module).__name__)
+        setup = R.train_setup(trainer, dims[0], dims[1] or shape.n_ctx, optimizer, momentum, impl)
+        spec, ckpt_dirs = R.logging_spec(trainer, self._steps)
+        self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+        shares = any(R.same_file_system(self.snapshot_dir, d) for d in ckpt_dirs) if ckpt_dirs else True
+        inputs = PlanInputs(
+            shape=shape,
+            setup=setup,
+            steps=self._steps,
+            snapshot=SnapshotSpec(self.requested_save_every_n_steps, self.snapshot_dtype, self.snapshots_per_file,
+                                  self.include_embedding, self.queue_depth),
+            logging=spec,
+            budgets=Budgets(self.disk_budget, self.memory_budget or memory_default or None, self.wandb_budget,
+                            self.on_exceed),
+            checkpoints_share_disk=shares,
+        )
+        n_params, n_tensors = R.module_counts(pl_module)
+        entries = R.state_dict_entries(pl_module)
+        memory, flops, method = None, None, "analytic transformer"
+        if R.find_shape(pl_module) is None:
+            memory, flops, method = self._trace(trainer, pl_module, batch, setup, opt)
+        measured = Measured(n_params, n_tensors, entries, memory, flops, method)
+        free = shutil.disk_usage(self.snapshot_dir).free
+        result = forecast(inputs, measured, free_disk_bytes=free)
+        if self._restored:
+            result.notes.append(f"resumed at step {self._restored.get('global_step')}: "
+                                f"keeping save_every_n_steps={self._restored['save_every_n_steps']}")
+        return result
+
+    def _trace(self, trainer, pl_module, batch, setup, opt):
+        """Trace one training step with fake tensors on the CPU fake device."""
+        autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(setup.precision)
+        kwargs = dict(opt.defaults) if opt is not None else {}
+        if self._on_accelerator and setup.optimizer_impl == "foreach":
+            kwargs["foreach"] = True
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                trace = trace_training_step_memory(
+                    pl_module, batch, lambda m, b: m.training_step(b, 0),
+                    optimizer_cls=type(opt) if opt is not None else torch.optim.SGD,
+                    optimizer_kwargs=kwargs, autocast_dtype=autocast, skip=(trainer,))
+        except Exception as err:  # noqa: BLE001 - tracing is best effort; say so in the report
+            note = f"not traced ({type(err).__name__}: {str(err)[:120]}); activations not counted"
+            return None, None, note
+        memory = peak_memory_from_trace(trace, setup)
+        per_sequence = trace["train_flops"] // max(1, setup.micro_batch_size)
+        return memory, per_sequence, "traced training step (fake tensors, cpu fake device)"
+
+    def _report(self, f: Forecast) -> str:
+        lines = ["budget-callback forecast", render(f)]
+        return "\n".join(lines)
+
+    def _start_writer(self, trainer: pl.Trainer) -> None:
+        removed = clean_temporaries(self.snapshot_dir)
+        if removed:
+            self.events.append({"step": trainer.global_step, "event": "cleaned_temporaries", "count": len(removed)})
+        resume_intervals = None
+        start_step = 0
+        if self._restored:
+            start_step = int(self._restored.get("global_step", 0))
+            resume_intervals = self._restored.get("intervals")
+            self._bytes_before_resume = _truncate_after(self.snapshot_dir, start_step)
+        elif self.overwrite:
+            _truncate_after(self.snapshot_dir, 0)
+        self._writer = SnapshotWriter(self.snapshot_dir, self._layout, self.save_every_n_steps, self.queue_depth,
+                                      self.when_behind, self.fsync,
+                                      manifest_extra={"requested_save_every_n_steps": self.requested_save_every_n_steps})
+        self._writer.last_step = start_step
+        self._writer.start(resume_intervals)
+
+    # --- during the run ------------------------------------------------------------------
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._on_accelerator and self._step_started == 0.0:
+            self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._last_seen_step:
+            return  # accumulating: no optimizer step happened
+        self._last_seen_step = step
+        if self._writer is not None:
+            self._writer.check()
+            if step % self.save_every_n_steps == 0:
+                self._snapshot(step)
+        if step % max(1, trainer.log_every_n_steps) == 0:
+            self._log(trainer, step)
+
+    def _snapshot(self, step: int) -> None:
+        tensors, event = {}, None
+        dtype = getattr(torch, self.snapshot_dtype)
+        for name, source in self._sources.items():
+            w = source.matrix()
+            if w.device.type == "cuda":
+                ring = self._pinned.setdefault(name, [])
+                if not ring:
+                    ring.extend(torch.empty(w.shape, dtype=dtype, pin_memory=True)
+                                for _ in range(self.queue_depth + 2))
+                buf = ring[self._submitted % len(ring)]
+                buf.copy_(w.to(dtype), non_blocking=True)
+                tensors[name] = buf
+            else:
+                tensors[name] = w.to(dtype=dtype, copy=True)
+        if any(t.is_pinned() for t in tensors.values()):
+            event = torch.cuda.Event()
+            event.record()
+        self._writer.submit(step, tensors, event)
+        self._submitted += 1
+
+    def _metrics(self, trainer: pl.Trainer, step: int) -> dict[str, float | int]:
+        f = self.forecast
+        layout = self._layout
+        metrics: dict[str, float | int] = {
+            "budget/disk_projected_bytes": layout.series_bytes(min(step, self._steps), self.save_every_n_steps),
+            "budget/disk_actual_bytes": self.bytes_written,
+            "budget/save_every_n_steps": self.save_every_n_steps,
+        }
+        if self._writer is not None:
+            metrics["budget/writer_backpressure_seconds"] = round(self._writer.stats.backpressure_seconds, 6)
+            metrics["budget/snapshots_dropped"] = self._writer.stats.dropped
+            metrics["budget/snapshots_failed"] = self._writer.stats.failed
+        if self._on_accelerator and torch.cuda.is_available() and f is not None:
+            metrics["budget/memory_projected_bytes"] = f.memory["peak_bytes"]
+            metrics["budget/memory_actual_bytes"] = int(torch.cuda.max_memory_allocated())
+        return metrics
+
+    def _log(self, trainer: pl.Trainer, step: int) -> None:
+        if not trainer.is_global_zero or not trainer.loggers:
+            return
+        metrics = self._metrics(trainer, step)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    # --- end of fit ----------------------------------------------------------------------
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._writer is None:
+            return
+        try:
+            self._finish(trainer, failed=True)
+        except Exception as err:  # noqa: BLE001 - the original exception matters more
+            warnings.warn(f"budget-callback: could not flush snapshots after {exception!r}: {err!r}", stacklevel=2)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._writer is not None and stage == "fit":
+            self._writer.close()
+
+    def _finish(self, trainer: pl.Trainer, failed: bool = False) -> None:
+        if self._writer is None or self._writer._closed:
+            return
+        self._writer.close()
+        step = trainer.global_step
+        self._log(trainer, step)
+        if trainer.is_global_zero:
+            rank_zero_info(self.summary(step) + (" (run stopped by an exception)" if failed else ""))
+
+    def summary(self, step: int | None = None) -> str:
+        """One line: projected vs actual snapshot bytes, and the interval."""
+        step = self._steps if step is None else step
+        due = self._layout.series_bytes(min(step, self._steps), self.save_every_n_steps) if self._layout else 0
+        actual = self.bytes_written
+        diff = actual - due
+        stats = self._writer.stats if self._writer else None
+        extra = ""
+        if stats is not None:
+            extra = (f"; back-pressure {stats.backpressure_seconds:.2f} s, dropped {stats.dropped}, "
+                     f"lost to a full disk {stats.failed}")
+        return (f"budget-callback summary: snapshots projected {format_bytes(due)} ({due:,} B) by step {step}, "
+                f"actual {format_bytes(actual)} ({actual:,} B), difference {diff:+,} B; "
+                f"save_every_n_steps={self.save_every_n_steps}{extra}")
+
+    # --- checkpoint state ----------------------------------------------------------------
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        """Every snapshot up to the checkpoint's step is on disk before the checkpoint is (no gaps on resume)."""
+        if self._writer is not None and not self._writer._closed:
+            self._writer.flush()
+
+    def state_dict(self) -> dict[str, Any]:
+        writer = self._writer
+        return {
+            "version": STATE_VERSION,
+            "save_every_n_steps": self.save_every_n_steps,
+            "bytes_written": self.bytes_written,
+            "last_snapshot_step": writer.last_step if writer else 0,
+            "global_step": self._last_seen_step,
+            "intervals": list(writer._intervals) if writer else [],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = {
+            "save_every_n_steps": int(state_dict.get("save_every_n_steps", self.save_every_n_steps)),
+            "global_step": int(state_dict.get("global_step", 0)),
+            "intervals": state_dict.get("intervals") or None,
+        }
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _truncate_after(directory: Path, step: int) -> int:
+    """Delete snapshot files whose first step is after ``step``; return the bytes of those kept.
+
+    A crashed run may have written snapshots after its last checkpoint; the
+    resumed run writes them again, so the old ones are replaced, never mixed.
+    A stacked file that straddles ``step`` is kept only up to ``step`` by
+    rewriting it without the later slices.
+    """
+    from .reader import read_header
+    from .writer import is_temporary
+
+    kept = 0
+    if not directory.is_dir():
+        return 0
+    for entry in os.scandir(directory):
+        if not entry.name.endswith(".safetensors") or is_temporary(entry.name) or entry.name.startswith("."):
+            continue
+        meta = read_header(entry.path).get("__metadata__") or {}
+        if "first_step" not in meta:
+            continue
+        first, count, every = int(meta["first_step"]), int(meta["count"]), int(meta["every"])
+        last = first + (count - 1) * every
+        if first > step:
+            os.unlink(entry.path)
+        elif last > step:
+            _cut_stacked(Path(entry.path), (step - first) // every + 1, every)
+            kept += os.path.getsize(entry.path)
+        else:
+            kept += entry.stat().st_size
+    return kept
+
+
+def _cut_stacked(path: Path, keep: int, every: int) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = dict(fh.metadata())
+        tensors = {k: fh.get_slice(k)[:keep] for k in fh.keys()}
+    meta["count"] = str(keep)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)

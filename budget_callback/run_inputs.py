@@ -1,0 +1,178 @@
+"""Gather forecast inputs from a live Trainer and LightningModule (no forecasting here)."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from .memory import TrainSetup
+from .params import module_params
+from .shapes import ModelShape
+from .wandb_usage import LoggingSpec
+
+
+def find_shape(module: nn.Module) -> ModelShape | None:
+    """The :class:`ModelShape` a module declares (``module.shape``, on it or a child), if any."""
+    for sub in module.modules():
+        shape = getattr(sub, "shape", None)
+        if isinstance(shape, ModelShape):
+            return shape
+    return None
+
+
+def strategy_name(trainer: pl.Trainer) -> str:
+    name = type(trainer.strategy).__name__.lower()
+    if "fsdp" in name:
+        return "fsdp"
+    if "deepspeed" in name:
+        stage = getattr(trainer.strategy, "config", {}).get("zero_optimization", {}).get("stage", 2)
+        return f"deepspeed_stage_{max(1, min(3, int(stage)))}"
+    return "ddp"  # DDP, single device, and everything that replicates the model
+
+
+def precision_name(trainer: pl.Trainer) -> str:
+    name = str(trainer.precision)
+    return {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}.get(name, name)
+
+
+def total_steps(trainer: pl.Trainer) -> int:
+    """Optimizer steps this fit will take (``max_steps`` or the stepping batches of ``max_epochs``)."""
+    steps = trainer.estimated_stepping_batches
+    if steps is None or math.isinf(steps):
+        raise ValueError("BudgetCallback needs a finite run: set `max_steps` or `max_epochs` on the Trainer")
+    return int(steps)
+
+
+def optimizer_settings(trainer: pl.Trainer, on_cuda: bool) -> tuple[str, float, str, torch.optim.Optimizer | None]:
+    """(name for the forecast, momentum, implementation, the optimizer)."""
+    if not trainer.optimizers:
+        return "sgd", 0.0, "for-loop", None
+    opt = trainer.optimizers[0]
+    kind = type(opt).__name__.lower()
+    defaults = opt.defaults
+    if kind in ("adamw", "adam"):
+        name, momentum = kind, 0.0
+    elif kind == "sgd":
+        name, momentum = "sgd", float(defaults.get("momentum", 0.0) or 0.0)
+    else:
+        name, momentum = "adamw", 0.0  # two states per parameter: the common case for adaptive optimizers
+    if defaults.get("fused"):
+        impl = "fused"
+    elif defaults.get("foreach") or (defaults.get("foreach") is None and on_cuda):
+        impl = "foreach"
+    else:
+        impl = "for-loop"
+    return name, momentum, impl, opt
+
+
+def first_batch(trainer: pl.Trainer):
+    """One batch from the train dataloader (for activation shapes)."""
+    loader = trainer.train_dataloader
+    if loader is None:
+        trainer.fit_loop.setup_data()
+        loader = trainer.train_dataloader
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0]
+    if isinstance(loader, dict):
+        loader = next(iter(loader.values()))
+    return next(iter(loader))
+
+
+def batch_dims(batch) -> tuple[int, int] | None:
+    """(micro-batch, sequence length) from the first 2-D integer tensor in the batch."""
+    stack = [batch]
+    while stack:
+        item = stack.pop(0)
+        if isinstance(item, torch.Tensor):
+            if item.dim() >= 2 and not item.is_floating_point():
+                return int(item.shape[0]), int(item.shape[1])
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return None
+
+
+def train_setup(trainer: pl.Trainer, batch: int, seq_len: int | None, optimizer: str, momentum: float,
+                impl: str) -> TrainSetup:
+    return TrainSetup(
+        micro_batch_size=batch,
+        seq_len=seq_len,
+        grad_accum=int(trainer.accumulate_grad_batches),
+        devices=int(trainer.num_devices),
+        num_nodes=int(trainer.num_nodes),
+        precision=precision_name(trainer),
+        optimizer=optimizer,
+        momentum=momentum,
+        optimizer_impl=impl,
+        strategy=strategy_name(trainer),
+    )
+
+
+def logging_spec(trainer: pl.Trainer, steps: int) -> tuple[LoggingSpec, list[Path]]:
+    """Logging cadence, checkpoint cadence and where checkpoints go."""
+    every, keep, dirs = None, 1, []
+    for cb in trainer.checkpoint_callbacks:
+        n = getattr(cb, "_every_n_train_steps", 0) or 0
+        if n:
+            every = n if every is None else min(every, n)
+        elif getattr(cb, "_every_n_epochs", 0):
+            per_epoch = max(1, int(trainer.num_training_batches) // max(1, int(trainer.accumulate_grad_batches))) \
+                if isinstance(trainer.num_training_batches, int) else steps
+            every = per_epoch if every is None else min(every, per_epoch)
+        top_k = getattr(cb, "save_top_k", 1)
+        keep = steps if top_k == -1 else max(1, top_k) + (1 if getattr(cb, "save_last", False) else 0)
+        if cb.dirpath:
+            dirs.append(Path(cb.dirpath))
+        elif trainer.default_root_dir:
+            dirs.append(Path(trainer.default_root_dir))
+    log_model = "none"
+    for logger in trainer.loggers:
+        value = getattr(logger, "_log_model", None)  # WandbLogger keeps it privately
+        if value == "all":
+            log_model = "all"
+        elif value:
+            log_model = "last"
+    spec = LoggingSpec(log_every_n_steps=max(1, int(trainer.log_every_n_steps)), checkpoint_every_n_steps=every,
+                       keep_checkpoints=keep, log_model=log_model)
+    return spec, dirs
+
+
+def same_file_system(a: Path, b: Path) -> bool:
+    def device(p: Path) -> int | None:
+        p = p.absolute()
+        while not p.exists() and p != p.parent:
+            p = p.parent
+        try:
+            return os.stat(p).st_dev
+        except OSError:
+            return None
+    return device(a) == device(b)
+
+
+def memory_budget_default(module: nn.Module) -> tuple[int, bool]:
+    """(the accelerator's total memory, True) on a GPU; (host RAM, False) otherwise."""
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory), True
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), False
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 0, False
+
+
+def state_dict_entries(module: nn.Module) -> int:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return len(module.state_dict())
+
+
+def module_counts(module: nn.Module) -> tuple[int, int]:
+    counts = module_params(module)
+    return counts["total"], counts["tensors"]
