@@ -26,6 +26,8 @@ from .storage import SNAPSHOT_DTYPES, SnapshotLayout
 from .tracing import trace_training_step_memory
 from .unembedding import MatrixSource, find_embedding, find_unembedding, is_tied
 from .units import format_bytes, parse_size
+from .wandb_panels import log_charts, log_events, log_forecast, run_file_bytes, wandb_loggers
+from .wandb_usage import wandb_usage
 from .writer import MANIFEST, WHEN_BEHIND, SnapshotWriter, clean_temporaries
 
 STATE_VERSION = 1
@@ -104,8 +106,8 @@ class BudgetCallback(Callback):
         self._on_accelerator = False
         self._pinned: dict[str, list[torch.Tensor]] = {}
         self._submitted = 0
-        self._step_started = 0.0
-        self._step_seconds: list[float] = []
+        self._wandb: list = []
+        self._series: dict[str, list] = {}
 
     # --- public read-outs ----------------------------------------------------------------
     @property
@@ -158,8 +160,11 @@ class BudgetCallback(Callback):
         else:
             self.save_every_n_steps = result.save_every_n_steps
         self.projected_bytes = self._layout.series_bytes(self._steps, self.save_every_n_steps)
-        if trainer.is_global_zero and self.verbose:
-            rank_zero_info(self._report(result))
+        if trainer.is_global_zero:
+            if self.verbose:
+                rank_zero_info(self._report(result))
+            self._wandb = wandb_loggers(trainer.loggers)
+            log_forecast(self._wandb, result, trainer.global_step)
         if result.decision == "abort":
             failed = [v.line() for v in result.verdicts.values() if not v.fits]
             raise BudgetExceededError(
@@ -264,10 +269,6 @@ class BudgetCallback(Callback):
         self._writer.start(resume_intervals)
 
     # --- during the run ------------------------------------------------------------------
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._on_accelerator and self._step_started == 0.0:
-            self._step_started = time.perf_counter()
-
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if step == self._last_seen_step:
@@ -322,8 +323,37 @@ class BudgetCallback(Callback):
         if not trainer.is_global_zero or not trainer.loggers:
             return
         metrics = self._metrics(trainer, step)
+        events = self.events + (self._writer.stats.events if self._writer else [])
+        metrics["budget/events"] = len(events)
+        self._record(step, metrics)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+
+    def _record(self, step: int, metrics: dict) -> None:
+        """Keep the projected and actual points for the end-of-fit charts (a repeated step is updated)."""
+        if not self._wandb:
+            return
+        point = {"disk_projected": metrics["budget/disk_projected_bytes"],
+                 "disk_actual": metrics["budget/disk_actual_bytes"]}
+        if "budget/memory_actual_bytes" in metrics:
+            point["memory_projected"] = metrics["budget/memory_projected_bytes"]
+            point["memory_actual"] = metrics["budget/memory_actual_bytes"]
+        actual = run_file_bytes(self._wandb[0])
+        if actual is not None and self.forecast is not None:
+            f = self.forecast
+            point["wandb_projected"] = wandb_usage(f.inputs.logging, min(step, self._steps),
+                                                   f.storage["checkpoint_bytes"])["run_file_bytes"]
+            point["wandb_actual"] = actual
+        s = self._series
+        repeat = bool(s.get("step")) and s["step"][-1] == step
+        if not repeat:
+            s.setdefault("step", []).append(step)
+        for key, value in point.items():
+            values = s.setdefault(key, [])
+            if repeat and len(values) == len(s["step"]):
+                values[-1] = value
+            else:
+                values.append(value)
 
     # --- end of fit ----------------------------------------------------------------------
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -347,6 +377,9 @@ class BudgetCallback(Callback):
         self._writer.close()
         step = trainer.global_step
         self._log(trainer, step)
+        if self._wandb:
+            log_charts(self._wandb, self._series, step)
+            log_events(self._wandb, self.events + self._writer.stats.events, step)
         if trainer.is_global_zero:
             rank_zero_info(self.summary(step) + (" (run stopped by an exception)" if failed else ""))
 

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import TokenWindows, load_corpus  # noqa: E402
 
-from budget_callback import BudgetCallback  # noqa: E402
+from budget_callback import BudgetCallback, SnapshotReader  # noqa: E402
 from budget_callback.gpt import GPT  # noqa: E402
 from budget_callback.shapes import preset  # noqa: E402
 
@@ -98,9 +98,15 @@ def main(argv=None) -> int:
         default_root_dir=str(out),
     )
     trainer.fit(TinyGPT(args.seq_len), loader)
-    print(budget.summary())
-    print(f"snapshots in {budget.snapshot_dir}: read them with "
-          f"`python examples/token_dynamics.py --snapshots {budget.snapshot_dir}`")
+    if not args.no_wandb:
+        import wandb
+
+        wandb.finish()  # flush the offline run before the final lines
+    projected, actual = budget.projected_bytes, budget.bytes_written
+    print(f"\nProjected vs actual: {len(SnapshotReader(budget.snapshot_dir))} snapshots every "
+          f"{budget.save_every_n_steps} step(s) in {budget.snapshot_dir}")
+    print(f"  projected {projected:,} B   actual {actual:,} B   difference {actual - projected:+,} B")
+    print(f"  read them: python examples/token_dynamics.py --snapshots {budget.snapshot_dir}")
     return 0
 
 
