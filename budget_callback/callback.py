@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from . import run_inputs as R
 from .budgets import POLICIES
+from .disk_guard import decide
 from .errors import BudgetExceededError
 from .forecast import Budgets, Forecast, Measured, PlanInputs, SnapshotSpec, forecast
 from .memory import peak_memory_from_trace
@@ -108,6 +109,11 @@ class BudgetCallback(Callback):
         self._submitted = 0
         self._wandb: list = []
         self._series: dict[str, list] = {}
+        self._segments: list[tuple[int, int | None]] = []  # (from step, interval or None when paused)
+        self._next_check_step = 1
+        self._paused = False
+        self._failed_seen = 0
+        self.stop_reason: str | None = None
 
     # --- public read-outs ----------------------------------------------------------------
     @property
@@ -138,6 +144,7 @@ class BudgetCallback(Callback):
         tied = "embedding" not in self._sources and self.include_embedding
         self._layout = SnapshotLayout(V, D, self.snapshot_dtype, self.snapshots_per_file, self.include_embedding, tied)
         self._steps = R.total_steps(trainer)
+        batch = R.first_batch(trainer)  # every rank: loading the dataloader may hold a barrier
         # one rank decides, every rank learns the decision: none raises alone and leaves the others waiting
         decision: tuple[str | None, Forecast | None] = (None, None)
         if trainer.is_global_zero:
@@ -147,7 +154,7 @@ class BudgetCallback(Callback):
                         f"`snapshot_dir` {str(self.snapshot_dir)!r} already holds snapshots of another run; "
                         "choose another directory, resume with trainer.fit(..., ckpt_path=...), "
                         "or pass BudgetCallback(overwrite=True) to replace them")
-                decision = (None, self._forecast(trainer, pl_module))
+                decision = (None, self._forecast(trainer, pl_module, batch))
             except ValueError as err:
                 decision = (str(err), None)
         error, result = trainer.strategy.broadcast(decision, src=0)
@@ -159,7 +166,9 @@ class BudgetCallback(Callback):
             self._last_seen_step = int(self._restored["global_step"])
         else:
             self.save_every_n_steps = result.save_every_n_steps
-        self.projected_bytes = self._layout.series_bytes(self._steps, self.save_every_n_steps)
+        self._segments = [(1, self.save_every_n_steps)]
+        self._next_check_step = self._last_seen_step + 1
+        self.projected_bytes = self._projected_due(self._steps)
         if trainer.is_global_zero:
             if self.verbose:
                 rank_zero_info(self._report(result))
@@ -187,11 +196,10 @@ class BudgetCallback(Callback):
                 sources["embedding"] = e
         return sources
 
-    def _forecast(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Forecast:
+    def _forecast(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch) -> Forecast:
         shape = R.find_shape(pl_module)
         memory_default, self._on_accelerator = R.memory_budget_default(pl_module)
         optimizer, momentum, impl, opt = R.optimizer_settings(trainer, self._on_accelerator)
-        batch = R.first_batch(trainer)
         dims = R.batch_dims(batch) or (1, None)
         V, D = self._sources["unembedding"].shape()
         tied = "embedding" not in self._sources and is_tied(self._sources["unembedding"], find_embedding(pl_module))
@@ -275,11 +283,62 @@ class BudgetCallback(Callback):
             return  # accumulating: no optimizer step happened
         self._last_seen_step = step
         if self._writer is not None:
-            self._writer.check()
-            if step % self.save_every_n_steps == 0:
-                self._snapshot(step)
+            self._writer.check()  # a dead writer surfaces here, at the next step, with its cause
+            if self._writer.stats.failed > self._failed_seen and trainer.world_size == 1:
+                self._next_check_step = step  # a write hit a full disk: look now (one process: no collective)
+            self._failed_seen = self._writer.stats.failed
+        if step >= self._next_check_step and not self._paused and self.stop_reason is None:
+            self._guard(trainer, step)
+        if self._writer is not None and not self._paused and step % self.save_every_n_steps == 0:
+            self._snapshot(step)
         if step % max(1, trainer.log_every_n_steps) == 0:
             self._log(trainer, step)
+
+    def _projected_due(self, step: int) -> int:
+        """Forecast snapshot bytes written by ``step``, following every interval change."""
+        total = 0
+        for i, (start, every) in enumerate(self._segments):
+            end = self._segments[i + 1][0] - 1 if i + 1 < len(self._segments) else self._steps
+            if every is not None and start <= step:
+                total += self._layout.series_bytes(min(step, end), every, start_step=start - 1)
+        return total
+
+    def _guard(self, trainer: pl.Trainer, step: int) -> None:
+        """Re-check free space; raise the interval, pause, or stop before the disk is full."""
+        decision = None
+        if trainer.is_global_zero and self._writer is not None:
+            free = shutil.disk_usage(self.snapshot_dir).free
+            budget_left = None if self.disk_budget is None else self.disk_budget - self.bytes_written
+            decision = decide(self._layout, self._steps, step, self.save_every_n_steps, free, budget_left,
+                              self._writer.pending_bytes, self.on_exceed)
+        decision = trainer.strategy.broadcast(decision, src=0)
+        if decision is None:
+            return
+        self._next_check_step = decision.next_check_step
+        if decision.action == "ok":
+            return
+        event = decision.to_event(step)
+        if decision.action == "raise_interval":
+            self.save_every_n_steps = decision.every
+            self._segments.append((step + 1, decision.every))
+            if self._writer is not None:
+                self._writer.set_interval(decision.every, step + 1)
+        elif decision.action == "pause":
+            self._paused = True
+            self._segments.append((step + 1, None))
+        elif decision.action == "stop":
+            self.stop_reason = (f"budget-callback: disk guard stopped the run at step {step}: "
+                                f"{format_bytes(decision.available_bytes)} left for snapshots, "
+                                f"{format_bytes(decision.needed_bytes)} needed for the rest")
+            trainer.should_stop = True
+        elif decision.action == "warn":
+            if any(e["event"] == event["event"] for e in self.events):
+                return
+            warnings.warn(f"budget-callback: the remaining snapshots need {format_bytes(decision.needed_bytes)}, "
+                          f"{format_bytes(decision.available_bytes)} is left", stacklevel=2)
+        self.events.append(event)
+        self.projected_bytes = self._projected_due(self._steps)
+        self._log(trainer, step)
 
     def _snapshot(self, step: int) -> None:
         tensors, event = {}, None
@@ -304,9 +363,8 @@ class BudgetCallback(Callback):
 
     def _metrics(self, trainer: pl.Trainer, step: int) -> dict[str, float | int]:
         f = self.forecast
-        layout = self._layout
         metrics: dict[str, float | int] = {
-            "budget/disk_projected_bytes": layout.series_bytes(min(step, self._steps), self.save_every_n_steps),
+            "budget/disk_projected_bytes": self._projected_due(step),
             "budget/disk_actual_bytes": self.bytes_written,
             "budget/save_every_n_steps": self.save_every_n_steps,
         }
@@ -381,12 +439,15 @@ class BudgetCallback(Callback):
             log_charts(self._wandb, self._series, step)
             log_events(self._wandb, self.events + self._writer.stats.events, step)
         if trainer.is_global_zero:
-            rank_zero_info(self.summary(step) + (" (run stopped by an exception)" if failed else ""))
+            reason = " (run stopped by an exception)" if failed else ""
+            if self.stop_reason:
+                reason = f" ({self.stop_reason})"
+            rank_zero_info(self.summary(step) + reason)
 
     def summary(self, step: int | None = None) -> str:
         """One line: projected vs actual snapshot bytes, and the interval."""
         step = self._steps if step is None else step
-        due = self._layout.series_bytes(min(step, self._steps), self.save_every_n_steps) if self._layout else 0
+        due = self._projected_due(step) if self._layout else 0
         actual = self.bytes_written
         diff = actual - due
         stats = self._writer.stats if self._writer else None
@@ -394,9 +455,10 @@ class BudgetCallback(Callback):
         if stats is not None:
             extra = (f"; back-pressure {stats.backpressure_seconds:.2f} s, dropped {stats.dropped}, "
                      f"lost to a full disk {stats.failed}")
+        files = stats.files_written if stats is not None else 0
         return (f"budget-callback summary: snapshots projected {format_bytes(due)} ({due:,} B) by step {step}, "
-                f"actual {format_bytes(actual)} ({actual:,} B), difference {diff:+,} B; "
-                f"save_every_n_steps={self.save_every_n_steps}{extra}")
+                f"actual {format_bytes(actual)} ({actual:,} B) in {files} file(s), difference {diff:+,} B; "
+                f"save_every_n_steps={self.save_every_n_steps}{' (paused)' if self._paused else ''}{extra}")
 
     # --- checkpoint state ----------------------------------------------------------------
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:

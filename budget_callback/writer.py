@@ -30,6 +30,14 @@ TMP_MARK = ".tmp-"
 WHEN_BEHIND = ("wait", "drop")
 
 
+def is_disk_full(err: BaseException) -> bool:
+    """ENOSPC/EDQUOT, from Python or from safetensors' Rust writer (``SafetensorError: ... (os error 28)``)."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(err)
+    return f"os error {errno.ENOSPC})" in text or f"os error {errno.EDQUOT})" in text
+
+
 def snapshot_name(first_step: int) -> str:
     return f"step_{first_step:09d}.safetensors"
 
@@ -89,6 +97,7 @@ class WriterStats:
     backpressure_seconds: float = 0.0
     dropped: int = 0
     failed: int = 0  # snapshots lost to ENOSPC
+    accepted: int = 0  # snapshots handed to the writer
     events: list[dict] = field(default_factory=list)
 
 
@@ -131,6 +140,7 @@ class SnapshotWriter:
         item = _Item(step, tensors, event)
         try:
             self._queue.put_nowait(item)
+            self.stats.accepted += 1
             return True
         except queue.Full:
             pass
@@ -146,6 +156,7 @@ class SnapshotWriter:
             except queue.Full:
                 self.check()
         self.stats.backpressure_seconds += time.perf_counter() - start
+        self.stats.accepted += 1
         return True
 
     def set_interval(self, every: int, from_step: int) -> None:
@@ -186,6 +197,12 @@ class SnapshotWriter:
     @property
     def bytes_written(self) -> int:
         return self.stats.bytes_written
+
+    @property
+    def pending_bytes(self) -> int:
+        """Raw bytes of snapshots accepted but not yet on disk (queued, in flight, or stacked)."""
+        done = self.stats.snapshots_written + self.stats.failed
+        return max(0, self.stats.accepted - done) * self.layout.step_bytes
 
     # --- writer thread -------------------------------------------------------------------
     def _run(self) -> None:
@@ -241,13 +258,13 @@ class SnapshotWriter:
             os.replace(tmp, path)
             if self.fsync:
                 _fsync_dir(self.directory)
-        except OSError as err:
+        except Exception as err:  # noqa: BLE001 - re-raised unless the disk is full
             tmp.unlink(missing_ok=True)
-            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if not is_disk_full(err):
                 raise
             with self._lock:
                 self.stats.failed += len(steps)
-                self.stats.events.append({"step": steps[0], "event": "disk_full", "reason": os.strerror(err.errno)})
+                self.stats.events.append({"step": steps[0], "event": "disk_full", "reason": "no space left on device"})
             return
         size = path.stat().st_size
         with self._lock:
@@ -258,7 +275,7 @@ class SnapshotWriter:
             try:
                 self._write_manifest()
             except OSError as err:
-                if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                if not is_disk_full(err):
                     raise
                 self.stats.events.append({"step": steps[-1], "event": "disk_full", "reason": "manifest not updated"})
 
