@@ -76,7 +76,8 @@ def main() -> int:
 
     line = statistics.linear_regression(fit_x, fit_y)
     per_row_forecast = WU.RUN_FILE_BYTES_PER_ROW + 5 * WU.RUN_FILE_BYTES_PER_POINT  # train/loss + 3 budget + epoch
-    keys = sorted(k for k in LAST_METRICS if k.startswith("budget/"))
+    keys = sorted({k for k in LAST_METRICS if k.startswith("budget/")} | {"budget/events"})  # _log adds events
+    extra = (len(keys) - 3) * WU.RUN_FILE_BYTES_PER_POINT
     md = "\n".join([
         "## 2c. W&B local run-file bytes: forecast vs offline run-*.wandb",
         "",
@@ -96,7 +97,9 @@ def main() -> int:
         md += ("\n\n**Target missed** in " + str(len(misses)) + " of " + str(len(rows)) + " rows: the forecast is too "
                f"low. Reason found: (1) per row, the callback logs {len(keys)} `budget/*` scalars "
                f"({', '.join('`' + k + '`' for k in keys)}), but `LoggingSpec.budget_metrics` defaults to 3 and "
-               "`run_inputs.logging_spec` never sets it; (2) the fixed part (the whole forecast in the run config, the "
+               "`run_inputs.logging_spec` never sets it: at "
+               f"{WU.RUN_FILE_BYTES_PER_POINT} B per scalar the {len(keys) - 3} missing scalars are {extra} B of the "
+               f"{line.slope - per_row_forecast:,.0f} B per-row gap; (2) the fixed part (the whole forecast in the run config, the "
                "`budget/forecast_table`, the end-of-fit charts and events) is far above `RUN_FILE_FIXED_BYTES`.")
     write_section("wandb_run_file", md)
     print(md)

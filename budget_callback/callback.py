@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import statistics
 import time
 import warnings
 from dataclasses import replace
@@ -27,7 +29,7 @@ from .storage import SNAPSHOT_DTYPES, SnapshotLayout
 from .tracing import trace_training_step_memory
 from .unembedding import MatrixSource, find_embedding, find_unembedding, is_tied
 from .units import format_bytes, parse_size
-from .wandb_panels import log_charts, log_events, log_forecast, run_file_bytes, wandb_loggers
+from .wandb_panels import log_charts, log_events, log_forecast, log_summary_line, run_file_bytes, wandb_loggers
 from .wandb_usage import wandb_usage
 from .writer import MANIFEST, WHEN_BEHIND, SnapshotWriter, clean_temporaries
 
@@ -113,6 +115,10 @@ class BudgetCallback(Callback):
         self._next_check_step = 1
         self._paused = False
         self._failed_seen = 0
+        self._sharded = False
+        self._last_step_time: float | None = None
+        self._step_times: list[float] = []
+        self._peak_flops: float | None = None
         self.stop_reason: str | None = None
 
     # --- public read-outs ----------------------------------------------------------------
@@ -144,6 +150,7 @@ class BudgetCallback(Callback):
         tied = "embedding" not in self._sources and self.include_embedding
         self._layout = SnapshotLayout(V, D, self.snapshot_dtype, self.snapshots_per_file, self.include_embedding, tied)
         self._steps = R.total_steps(trainer)
+        self._sharded = R.is_sharded(trainer, self._sources["unembedding"].get())
         batch = R.first_batch(trainer)  # every rank: loading the dataloader may hold a barrier
         # one rank decides, every rank learns the decision: none raises alone and leaves the others waiting
         decision: tuple[str | None, Forecast | None] = (None, None)
@@ -199,6 +206,7 @@ class BudgetCallback(Callback):
     def _forecast(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch) -> Forecast:
         shape = R.find_shape(pl_module)
         memory_default, self._on_accelerator = R.memory_budget_default(pl_module)
+        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
         optimizer, momentum, impl, opt = R.optimizer_settings(trainer, self._on_accelerator)
         dims = R.batch_dims(batch) or (1, None)
         V, D = self._sources["unembedding"].shape()
@@ -220,7 +228,11 @@ class BudgetCallback(Callback):
             budgets=Budgets(self.disk_budget, self.memory_budget or memory_default or None, self.wandb_budget,
                             self.on_exceed),
             checkpoints_share_disk=shares,
+            gpu=R.gpu_table_name(device),
         )
+        compute = {"32-true": torch.float32, "16-mixed": torch.float16, "16-true": torch.float16}.get(
+            setup.precision, torch.bfloat16)
+        self._peak_flops = R.device_peak_flops(device, compute)
         n_params, n_tensors = R.module_counts(pl_module)
         entries = R.state_dict_entries(pl_module)
         memory, flops, method = None, None, "analytic transformer"
@@ -289,8 +301,12 @@ class BudgetCallback(Callback):
             self._failed_seen = self._writer.stats.failed
         if step >= self._next_check_step and not self._paused and self.stop_reason is None:
             self._guard(trainer, step)
-        if self._writer is not None and not self._paused and step % self.save_every_n_steps == 0:
-            self._snapshot(step)
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            self._step_times.append(now - self._last_step_time)
+        self._last_step_time = now
+        if not self._paused and step % self.save_every_n_steps == 0 and (self._writer is not None or self._sharded):
+            self._snapshot(trainer, step)
         if step % max(1, trainer.log_every_n_steps) == 0:
             self._log(trainer, step)
 
@@ -340,7 +356,28 @@ class BudgetCallback(Callback):
         self.projected_bytes = self._projected_due(self._steps)
         self._log(trainer, step)
 
-    def _snapshot(self, step: int) -> None:
+    def _snapshot(self, trainer: pl.Trainer, step: int) -> None:
+        with self._full_params(trainer):
+            if self._writer is None:  # another rank: take part in the gather only
+                for source in self._sources.values():
+                    if hasattr(source.get(), "full_tensor"):
+                        source.matrix()
+                return
+            self._capture(step)
+
+    @contextlib.contextmanager
+    def _full_params(self, trainer: pl.Trainer):
+        """FSDP (1): every rank gathers, rank 0 reads. Anything else: nothing to do here."""
+        if self._sharded and R.strategy_name(trainer) == "fsdp" and trainer.strategy.model is not None:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            if any(isinstance(m, FSDP) for m in trainer.strategy.model.modules()):
+                with FSDP.summon_full_params(trainer.strategy.model, writeback=False, rank0_only=True):
+                    yield
+                return
+        yield
+
+    def _capture(self, step: int) -> None:
         tensors, event = {}, None
         dtype = getattr(torch, self.snapshot_dtype)
         for name, source in self._sources.items():
@@ -372,6 +409,15 @@ class BudgetCallback(Callback):
             metrics["budget/writer_backpressure_seconds"] = round(self._writer.stats.backpressure_seconds, 6)
             metrics["budget/snapshots_dropped"] = self._writer.stats.dropped
             metrics["budget/snapshots_failed"] = self._writer.stats.failed
+        if self._step_times:
+            seconds = statistics.median(self._step_times[-max(1, trainer.log_every_n_steps):])
+            metrics["budget/step_seconds"] = round(seconds, 6)
+            if self._peak_flops and f is not None:
+                world = trainer.world_size
+                metrics["budget/mfu"] = round(f.flops["train_per_step"] / seconds / (self._peak_flops * world), 6)
+                metrics["budget/mfu_projected"] = f.inputs.mfu
+                metrics["budget/step_seconds_projected"] = round(
+                    f.flops["train_per_step"] / (self._peak_flops * world * f.inputs.mfu), 6)
         if self._on_accelerator and torch.cuda.is_available() and f is not None:
             metrics["budget/memory_projected_bytes"] = f.memory["peak_bytes"]
             metrics["budget/memory_actual_bytes"] = int(torch.cuda.max_memory_allocated())
@@ -435,14 +481,16 @@ class BudgetCallback(Callback):
         self._writer.close()
         step = trainer.global_step
         self._log(trainer, step)
+        reason = " (run stopped by an exception)" if failed else ""
+        if self.stop_reason:
+            reason = f" ({self.stop_reason})"
+        line = self.summary(step) + reason
         if self._wandb:
             log_charts(self._wandb, self._series, step)
             log_events(self._wandb, self.events + self._writer.stats.events, step)
+            log_summary_line(self._wandb, line)
         if trainer.is_global_zero:
-            reason = " (run stopped by an exception)" if failed else ""
-            if self.stop_reason:
-                reason = f" ({self.stop_reason})"
-            rank_zero_info(self.summary(step) + reason)
+            rank_zero_info(line)
 
     def summary(self, step: int | None = None) -> str:
         """One line: projected vs actual snapshot bytes, and the interval."""

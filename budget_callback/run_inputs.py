@@ -176,3 +176,43 @@ def state_dict_entries(module: nn.Module) -> int:
 def module_counts(module: nn.Module) -> tuple[int, int]:
     counts = module_params(module)
     return counts["total"], counts["tensors"]
+
+
+def gpu_table_name(device: torch.device) -> str | None:
+    """Our dense GPU table's entry for the CUDA device in use, if it is one we know."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    name = props.name.lower()
+    if "h200" in name:
+        return "h200"
+    if "h100" in name:
+        return "h100-pcie" if "pcie" in name else "h100-sxm"
+    if "a100" in name:
+        return "a100-80gb" if props.total_memory > 50 * 1024**3 else "a100-40gb"
+    if " l4" in f" {name}":
+        return "l4"
+    return None
+
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Dense peak FLOP/s of the device: our sourced table, else Lightning's ``get_available_flops``."""
+    from .gpus import gpu
+
+    name = gpu_table_name(device)
+    if name is not None:
+        return gpu(name).peak_flops(str(dtype).replace("torch.", ""))
+    if device.type != "cuda":
+        return None
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    return get_available_flops(device, dtype)
+
+
+def is_sharded(trainer: pl.Trainer, weight: torch.Tensor) -> bool:
+    """True when W must be gathered by every rank before rank 0 can read it."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - older torch
+        DTensor = ()  # noqa: N806
+    return strategy_name(trainer) == "fsdp" or isinstance(weight, DTensor)

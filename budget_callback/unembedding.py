@@ -24,7 +24,10 @@ class MatrixSource:
     transposed: bool  # stored as (D, V): transpose on capture
 
     def matrix(self) -> torch.Tensor:
+        """W as (V, D). A DTensor (FSDP2, tensor parallel) is gathered: every rank must call this."""
         w = self.get().detach()
+        if hasattr(w, "full_tensor"):
+            w = w.full_tensor()
         return w.t() if self.transposed else w
 
     def shape(self) -> tuple[int, int]:

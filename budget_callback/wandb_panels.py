@@ -108,3 +108,12 @@ def log_events(loggers: list, events: list[dict], step: int) -> None:
             logger.log_table(key="budget/events", columns=columns, data=data, step=step)
         except Exception as err:  # noqa: BLE001
             _warn("log the events", err)
+
+
+def log_summary_line(loggers: list, line: str) -> None:
+    """The end-of-fit projected-vs-actual line, in the run summary (``budget/summary``)."""
+    for logger in loggers:
+        try:
+            logger.experiment.summary["budget/summary"] = line
+        except Exception as err:  # noqa: BLE001
+            _warn("write the summary line", err)

@@ -195,6 +195,7 @@ def test_metrics_reach_csv_logger(tmp_path):
     assert int(float(last["budget/disk_actual_bytes"])) == cb.bytes_written
     assert int(float(last["budget/disk_projected_bytes"])) == cb.projected_bytes
     assert int(float(last["budget/save_every_n_steps"])) == 1
+    assert float(last["budget/step_seconds"]) > 0
 
 
 def test_resume_continues_series_without_gaps_or_duplicates(tmp_path):

@@ -9,7 +9,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from budget_callback import BudgetCallback
 from helpers import TinyLM, token_loader, trainer
-from wandb_records import config_dict, history_rows, load_table, media_in_history, read_complete
+from wandb_records import config_dict, history_rows, load_table, media_in_history, read_complete, summary_dict
 
 
 def _run(tmp_path, **kwargs):
@@ -47,6 +47,7 @@ def test_series_config_table_and_chart_in_run_file(tmp_path):
         series.setdefault(key, {})[step] = value
     assert series["projected"][6] == series["actual"][6] == cb.projected_bytes
     assert set(series["projected"]) == {2, 4, 6}
+    assert "difference +0 B" in summary_dict(recs)["budget/summary"]
 
 
 def test_wandb_usage_chart_compares_run_file(tmp_path):
