@@ -8,15 +8,16 @@ import shutil
 import statistics
 import time
 import warnings
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from .validate import one_of, positive_int
 from . import run_inputs as R
 from .budgets import POLICIES
 from .disk_guard import decide
@@ -65,20 +66,14 @@ class BudgetCallback(Callback):
         super().__init__()
         if not isinstance(snapshot_dir, (str, os.PathLike)) or str(snapshot_dir) == "":
             raise ValueError(f"`snapshot_dir` must be a path (str or os.PathLike), got {snapshot_dir!r}")
-        if not isinstance(save_every_n_steps, int) or isinstance(save_every_n_steps, bool) or save_every_n_steps <= 0:
-            raise ValueError(f"`save_every_n_steps` must be a positive integer, got {save_every_n_steps!r}")
-        if snapshot_dtype not in SNAPSHOT_DTYPES:
-            raise ValueError(f"`snapshot_dtype` must be one of {', '.join(SNAPSHOT_DTYPES)}, got {snapshot_dtype!r}")
-        if not isinstance(snapshots_per_file, int) or isinstance(snapshots_per_file, bool) or snapshots_per_file <= 0:
-            raise ValueError(f"`snapshots_per_file` must be a positive integer, got {snapshots_per_file!r}")
+        positive_int("save_every_n_steps", save_every_n_steps)
+        one_of("snapshot_dtype", snapshot_dtype, SNAPSHOT_DTYPES)
+        positive_int("snapshots_per_file", snapshots_per_file)
         if unembedding is not None and not isinstance(unembedding, str) and not callable(unembedding):
             raise ValueError(f"`unembedding` must be None, a parameter name or a callable, got {unembedding!r}")
-        if on_exceed not in POLICIES:
-            raise ValueError(f"`on_exceed` must be one of {', '.join(POLICIES)}, got {on_exceed!r}")
-        if not isinstance(queue_depth, int) or queue_depth < 1:
-            raise ValueError(f"`queue_depth` must be a positive integer, got {queue_depth!r}")
-        if when_behind not in WHEN_BEHIND:
-            raise ValueError(f"`when_behind` must be one of {', '.join(WHEN_BEHIND)}, got {when_behind!r}")
+        one_of("on_exceed", on_exceed, POLICIES)
+        positive_int("queue_depth", queue_depth)
+        one_of("when_behind", when_behind, WHEN_BEHIND)
         self.snapshot_dir = Path(snapshot_dir)
         self.requested_save_every_n_steps = save_every_n_steps
         self.save_every_n_steps = save_every_n_steps

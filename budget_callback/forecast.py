@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from .validate import one_of, positive_int
 from . import flops as F
 from .budgets import POLICIES, Verdict
 from .checkpoint import checkpoint_bytes
@@ -33,10 +34,8 @@ class SnapshotSpec:
     queue_depth: int = 4  # snapshots waiting for the writer (bounded queue)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.save_every_n_steps, int) or isinstance(self.save_every_n_steps, bool) or self.save_every_n_steps <= 0:
-            raise ValueError(f"`save_every_n_steps` must be a positive integer, got {self.save_every_n_steps!r}")
-        if not isinstance(self.queue_depth, int) or self.queue_depth < 1:
-            raise ValueError(f"`queue_depth` must be a positive integer, got {self.queue_depth!r}")
+        positive_int("save_every_n_steps", self.save_every_n_steps)
+        positive_int("queue_depth", self.queue_depth)
 
     def layout(self, shape: ModelShape) -> SnapshotLayout:
         return SnapshotLayout(shape.vocab_size, shape.d_model, self.dtype, self.snapshots_per_file,
@@ -51,8 +50,7 @@ class Budgets:
     on_exceed: str = "downsample"
 
     def __post_init__(self) -> None:
-        if self.on_exceed not in POLICIES:
-            raise ValueError(f"`on_exceed` must be one of {', '.join(POLICIES)}, got {self.on_exceed!r}")
+        one_of("on_exceed", self.on_exceed, POLICIES)
 
 
 @dataclass(frozen=True)
@@ -68,8 +66,7 @@ class PlanInputs:
     checkpoints_share_disk: bool = True  # checkpoints and W&B staging land on the snapshots' file system
 
     def __post_init__(self) -> None:
-        if not isinstance(self.steps, int) or self.steps <= 0:
-            raise ValueError(f"`steps` must be a positive integer, got {self.steps!r}")
+        positive_int("steps", self.steps)
         if not 0 < self.mfu <= 1:
             raise ValueError(f"`mfu` must be in (0, 1], got {self.mfu!r}")
         if self.gpu is not None:

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .validate import one_of, positive_int
 from .params import count_params, layer_params, matmul_params
-from .precision import OPTIMIZER_IMPLS, STRATEGIES, Precision, check_choice, optimizer_states_per_param, precision
+from .precision import OPTIMIZER_IMPLS, STRATEGIES, Precision, optimizer_states_per_param, precision
 from .shapes import ModelShape
 
 FP32 = 4
@@ -48,15 +49,12 @@ class TrainSetup:
 
     def __post_init__(self) -> None:
         for field in ("micro_batch_size", "grad_accum", "devices", "num_nodes"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"`{field}` must be a positive integer, got {value!r}")
-        if self.seq_len is not None and (not isinstance(self.seq_len, int) or self.seq_len <= 0):
-            raise ValueError(f"`seq_len` must be a positive integer, got {self.seq_len!r}")
+            positive_int(field, getattr(self, field))
+        positive_int("seq_len", self.seq_len, optional=True)
         precision(self.precision)
         optimizer_states_per_param(self.optimizer, self.momentum)
-        check_choice("optimizer_impl", self.optimizer_impl, OPTIMIZER_IMPLS)
-        check_choice("strategy", self.strategy, STRATEGIES)
+        one_of("optimizer_impl", self.optimizer_impl, OPTIMIZER_IMPLS)
+        one_of("strategy", self.strategy, STRATEGIES)
 
     @property
     def world_size(self) -> int:

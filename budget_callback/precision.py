@@ -47,7 +47,3 @@ def optimizer_states_per_param(optimizer: str, momentum: float = 0.0) -> int:
     raise ValueError(f"`optimizer` must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
 
 
-def check_choice(argument: str, value: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"`{argument}` must be one of {', '.join(choices)}, got {value!r}")
-    return value

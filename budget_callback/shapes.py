@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from .validate import one_of, positive_int
+
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "gated")
 
@@ -34,23 +36,17 @@ class ModelShape:
 
     def __post_init__(self) -> None:
         for field in ("vocab_size", "d_model", "n_layer", "n_head", "n_ctx"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"`{field}` must be a positive integer, got {value!r}")
+            positive_int(field, getattr(self, field))
         for field in ("n_kv_head", "head_dim", "d_mlp"):
-            value = getattr(self, field)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ValueError(f"`{field}` must be a positive integer or None, got {value!r}")
+            positive_int(field, getattr(self, field), optional=True)
         if self.head_dim is None and self.d_model % self.n_head:
             raise ValueError(
                 f"`n_head` ({self.n_head}) must divide `d_model` ({self.d_model}) unless `head_dim` is given"
             )
         if self.n_head % self.kv_heads:
             raise ValueError(f"`n_kv_head` ({self.kv_heads}) must divide `n_head` ({self.n_head})")
-        if self.norm not in NORMS:
-            raise ValueError(f"`norm` must be one of {', '.join(NORMS)}, got {self.norm!r}")
-        if self.mlp not in MLPS:
-            raise ValueError(f"`mlp` must be one of {', '.join(MLPS)}, got {self.mlp!r}")
+        one_of("norm", self.norm, NORMS)
+        one_of("mlp", self.mlp, MLPS)
 
     # derived sizes -----------------------------------------------------------
     @property
@@ -76,7 +72,7 @@ class ModelShape:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def with_overrides(self, **overrides) -> "ModelShape":
+    def with_overrides(self, **overrides) -> ModelShape:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 

@@ -12,21 +12,28 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from .validate import one_of, positive_int
+
 SNAPSHOT_DTYPES = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2)}
 SNAPSHOT_FORMAT = "budget-callback/1"
+ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}
+
+
+def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    n = ITEMSIZE[dtype]
+    for dim in shape:
+        n *= dim
+    return n
 
 
 def safetensors_header_bytes(tensors: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str] | None) -> int:
     """Length of the padded JSON header for ``tensors`` = {name: (safetensors dtype, shape)}."""
-    itemsize = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}
     header: dict = {}
     if metadata is not None:
         header["__metadata__"] = metadata
     offset = 0
     for name, (dtype, shape) in tensors.items():
-        n = itemsize[dtype]
-        for dim in shape:
-            n *= dim
+        n = _nbytes(dtype, shape)
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode())
@@ -35,13 +42,7 @@ def safetensors_header_bytes(tensors: dict[str, tuple[str, tuple[int, ...]]], me
 
 def safetensors_file_bytes(tensors: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> int:
     """Exact size of the safetensors file holding ``tensors`` (no tensor is allocated)."""
-    data = 0
-    itemsize = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}
-    for dtype, shape in tensors.values():
-        n = itemsize[dtype]
-        for dim in shape:
-            n *= dim
-        data += n
+    data = sum(_nbytes(dtype, shape) for dtype, shape in tensors.values())
     return 8 + safetensors_header_bytes(tensors, metadata) + data
 
 
@@ -57,10 +58,8 @@ class SnapshotLayout:
     tied: bool = False
 
     def __post_init__(self) -> None:
-        if self.dtype not in SNAPSHOT_DTYPES:
-            raise ValueError(f"`snapshot_dtype` must be one of {', '.join(SNAPSHOT_DTYPES)}, got {self.dtype!r}")
-        if not isinstance(self.snapshots_per_file, int) or self.snapshots_per_file < 1:
-            raise ValueError(f"`snapshots_per_file` must be a positive integer, got {self.snapshots_per_file!r}")
+        one_of("snapshot_dtype", self.dtype, SNAPSHOT_DTYPES)
+        positive_int("snapshots_per_file", self.snapshots_per_file)
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .validate import one_of, positive_int
+
 # Measured on offline runs (wandb 0.31.0, WandbLogger.log_metrics, 15-character keys, full-precision
 # floats): an empty run file is ~1.5 kB; each logged row costs ~303 B (``_step``, ``_runtime``,
 # ``_timestamp``, ``trainer/global_step``) and each scalar ~84 B, as every point is written twice
@@ -33,16 +35,14 @@ class LoggingSpec:
     log_model: str = "none"  # WandbLogger(log_model=...): "none" (False), "last" (True), "all"
 
     def __post_init__(self) -> None:
-        for field in ("log_every_n_steps", "eval_every_n_steps", "checkpoint_every_n_steps"):
-            value = getattr(self, field)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ValueError(f"`{field}` must be a positive integer, got {value!r}")
+        positive_int("log_every_n_steps", self.log_every_n_steps)
+        for field in ("eval_every_n_steps", "checkpoint_every_n_steps"):
+            positive_int(field, getattr(self, field), optional=True)
         for field in ("train_metrics", "eval_metrics", "budget_metrics", "keep_checkpoints"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"`{field}` must be a non-negative integer, got {value!r}")
-        if self.log_model not in LOG_MODEL_CHOICES:
-            raise ValueError(f"`log_model` must be one of {', '.join(LOG_MODEL_CHOICES)}, got {self.log_model!r}")
+        one_of("log_model", self.log_model, LOG_MODEL_CHOICES)
 
     def checkpoints_written(self, steps: int) -> int:
         return steps // self.checkpoint_every_n_steps if self.checkpoint_every_n_steps else 0

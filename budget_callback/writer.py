@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .validate import one_of
 from .errors import SnapshotWriteError
 from .storage import SNAPSHOT_FORMAT, SnapshotLayout
 
@@ -106,8 +107,7 @@ class SnapshotWriter:
 
     def __init__(self, directory: str | os.PathLike, layout: SnapshotLayout, every: int, queue_depth: int = 4,
                  when_behind: str = "wait", fsync: bool = True, manifest_extra: dict | None = None) -> None:
-        if when_behind not in WHEN_BEHIND:
-            raise ValueError(f"`when_behind` must be one of {', '.join(WHEN_BEHIND)}, got {when_behind!r}")
+        one_of("when_behind", when_behind, WHEN_BEHIND)
         self.directory = Path(directory)
         self.layout = layout
         self.every = every

@@ -7,7 +7,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from budget_callback import BudgetCallback, BudgetExceededError, SnapshotReader
 from budget_callback.shapes import ModelShape
-from helpers import TINY, LensLM, TinyLM, token_loader, trainer
+from helpers import LensLM, TinyLM, token_loader, trainer
 
 
 class RecordW(Callback):
