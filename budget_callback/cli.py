@@ -151,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
 def _flag_message(err: ValueError) -> str:
     """Turn ``\\`n_head\\``` into ``--n-head`` so the message names the flag the user typed."""
     text = str(err)
-    for name in ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "head_dim", "d_mlp", "n_ctx", "seq_len"):
-        text = text.replace(f"`{name}`", f"--{name.replace('_', '-')}")
+    for name in ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "head_dim", "d_mlp", "n_ctx", "seq_len",
+                 "save_every_n_steps", "snapshots_per_file", "steps"):
+        flag = {"save_every_n_steps": "save_every"}.get(name, name)
+        text = text.replace(f"`{name}`", f"--{flag.replace('_', '-')}")
     return text
 
 

@@ -67,6 +67,10 @@ class PlanInputs:
 
     def __post_init__(self) -> None:
         positive_int("steps", self.steps)
+        seq = self.setup.seq_len
+        if seq is not None and self.shape.learned_pos and seq > self.shape.n_ctx:
+            raise ValueError(f"`seq_len` ({seq}) exceeds the learned position table `n_ctx` ({self.shape.n_ctx}); "
+                             "raise n_ctx or shorten the sequence")
         if not 0 < self.mfu <= 1:
             raise ValueError(f"`mfu` must be in (0, 1], got {self.mfu!r}")
         if self.gpu is not None:

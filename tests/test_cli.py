@@ -90,6 +90,9 @@ def test_human_report_lists_sections(capsys):
         (["--preset", "gpt2", "--mfu", "1.5"], "--mfu"),
         (["--preset", "gpt2", "--gpu", "tpu"], "--gpu"),
         (["--preset", "gpt2", "--strategy", "horovod"], "--strategy"),
+        (["--preset", "gpt2", "--seq-len", "2048"], "--seq-len"),
+        (["--preset", "gpt2", "--save-every", "0"], "--save-every"),
+        (["--preset", "gpt2", "--snapshot-dtype", "int8"], "--snapshot-dtype"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args, flag):
