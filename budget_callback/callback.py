@@ -31,7 +31,7 @@ from .tracing import trace_training_step_memory
 from .unembedding import MatrixSource, find_embedding, find_unembedding, is_tied
 from .units import format_bytes, parse_size
 from .wandb_panels import log_charts, log_events, log_forecast, log_summary_line, run_file_bytes, wandb_loggers
-from .wandb_usage import wandb_usage
+from .wandb_usage import CALLBACK_METRICS, CALLBACK_METRICS_ACCELERATOR, wandb_usage
 from .writer import MANIFEST, WHEN_BEHIND, SnapshotWriter, clean_temporaries
 
 STATE_VERSION = 1
@@ -210,7 +210,9 @@ class BudgetCallback(Callback):
             shape = ModelShape(vocab_size=V, d_model=D, n_layer=1, n_head=1, n_ctx=dims[1] or 1, tied=tied,
                                name=type(pl_module).__name__)
         setup = R.train_setup(trainer, dims[0], dims[1] or shape.n_ctx, optimizer, momentum, impl)
-        spec, ckpt_dirs = R.logging_spec(trainer, self._steps)
+        on_gpu = device.type == "cuda"
+        spec, ckpt_dirs = R.logging_spec(trainer, self._steps,
+                                         CALLBACK_METRICS_ACCELERATOR if on_gpu else CALLBACK_METRICS)
         self.snapshot_dir.mkdir(parents=True, exist_ok=True)
         shares = any(R.same_file_system(self.snapshot_dir, d) for d in ckpt_dirs) if ckpt_dirs else True
         inputs = PlanInputs(

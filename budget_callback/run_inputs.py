@@ -115,7 +115,7 @@ def train_setup(trainer: pl.Trainer, batch: int, seq_len: int | None, optimizer:
     )
 
 
-def logging_spec(trainer: pl.Trainer, steps: int) -> tuple[LoggingSpec, list[Path]]:
+def logging_spec(trainer: pl.Trainer, steps: int, budget_metrics: int) -> tuple[LoggingSpec, list[Path]]:
     """Logging cadence, checkpoint cadence and where checkpoints go."""
     every, keep, dirs = None, 1, []
     for cb in trainer.checkpoint_callbacks:
@@ -140,7 +140,7 @@ def logging_spec(trainer: pl.Trainer, steps: int) -> tuple[LoggingSpec, list[Pat
         elif value:
             log_model = "last"
     spec = LoggingSpec(log_every_n_steps=max(1, int(trainer.log_every_n_steps)), checkpoint_every_n_steps=every,
-                       keep_checkpoints=keep, log_model=log_model)
+                       keep_checkpoints=keep, log_model=log_model, budget_metrics=budget_metrics)
     return spec, dirs
 
 

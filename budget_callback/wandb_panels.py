@@ -105,7 +105,7 @@ def log_events(loggers: list, events: list[dict], step: int) -> None:
              ", ".join(f"{k}={v}" for k, v in e.items() if k not in ("step", "event"))] for e in events]
     for logger in loggers:
         try:
-            logger.log_table(key="budget/events", columns=columns, data=data, step=step)
+            logger.log_table(key="budget/events_table", columns=columns, data=data, step=step)
         except Exception as err:  # noqa: BLE001
             _warn("log the events", err)
 

@@ -12,12 +12,18 @@ from dataclasses import asdict, dataclass
 from .validate import one_of, positive_int
 
 # Measured on offline runs (wandb 0.31.0, WandbLogger.log_metrics, 15-character keys, full-precision
-# floats): an empty run file is ~1.5 kB; each logged row costs ~303 B (``_step``, ``_runtime``,
-# ``_timestamp``, ``trainer/global_step``) and each scalar ~84 B, as every point is written twice
-# (history row and summary update). See BENCHMARKS.md for the fit and the command.
-RUN_FILE_FIXED_BYTES = 1_500
+# floats): each logged row costs ~303 B (``_step``, ``_runtime``, ``_timestamp``,
+# ``trainer/global_step``) and each scalar ~84 B, as every point is written twice (history row and
+# summary update). An empty run file is ~1.5 kB; with BudgetCallback attached the run also holds the
+# forecast in its config, the forecast table and the end-of-fit charts: ~15.5 kB fixed in all
+# (least-squares fit of real runs, ``benchmarks/wandb_run_file.py``, BENCHMARKS.md section 2c).
+RUN_FILE_FIXED_BYTES = 15_500
 RUN_FILE_BYTES_PER_ROW = 303
 RUN_FILE_BYTES_PER_POINT = 84
+# Scalars BudgetCallback logs per row: disk projected/actual, interval, back-pressure, dropped, failed,
+# events, step time; on a GPU also memory projected/actual and MFU, MFU projected, step time projected.
+CALLBACK_METRICS = 8
+CALLBACK_METRICS_ACCELERATOR = 13
 LOG_MODEL_CHOICES = ("none", "last", "all")
 
 
@@ -29,7 +35,7 @@ class LoggingSpec:
     train_metrics: int = 1  # scalars logged per train row (loss, lr, ...)
     eval_every_n_steps: int | None = None
     eval_metrics: int = 1
-    budget_metrics: int = 3  # budget/disk_projected_bytes, budget/disk_actual_bytes, budget/save_every_n_steps
+    budget_metrics: int = CALLBACK_METRICS  # the callback's own budget/... scalars per row
     checkpoint_every_n_steps: int | None = None  # None: no checkpoints
     keep_checkpoints: int = 1  # ModelCheckpoint(save_top_k=...) files on disk at once
     log_model: str = "none"  # WandbLogger(log_model=...): "none" (False), "last" (True), "all"

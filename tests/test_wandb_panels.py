@@ -65,7 +65,7 @@ def test_events_are_logged_values(tmp_path):
     cb, run_dir, recs = _run(tmp_path)
     rows = history_rows(recs)
     assert max(r.get("budget/events", 0) for r in rows) >= 1
-    events = load_table(run_dir, media_in_history(rows)["budget/events"])
+    events = load_table(run_dir, media_in_history(rows)["budget/events_table"])
     assert events["data"][0][1] == "cleaned_temporaries"
 
 
@@ -76,3 +76,14 @@ def test_without_wandb_the_callback_behaves_the_same(tmp_path):
     trainer(tmp_path, [nolog], max_steps=4, logger=False).fit(TinyLM(), token_loader())
     assert cb.bytes_written == nolog.bytes_written == cb.projected_bytes
     assert cb._wandb == [] and nolog._wandb == []
+
+
+def test_forecast_counts_every_scalar_the_callback_logs(tmp_path):
+    from budget_callback.wandb_usage import CALLBACK_METRICS
+
+    cb, run_dir, recs = _run(tmp_path)
+    # tables and charts appear as flattened "key.field" items; scalars have no dot
+    scalars = {k for r in history_rows(recs) for k in r if k.startswith("budget/") and "." not in k}
+    assert len(scalars) == CALLBACK_METRICS == cb.forecast.inputs.logging.budget_metrics, sorted(scalars)
+    size = os.path.getsize(glob.glob(os.path.join(run_dir, "run-*.wandb"))[0])
+    assert abs(cb.forecast.wandb["run_file_bytes"] - size) / size < 0.5  # tiny run: fixed part dominates
