@@ -76,9 +76,9 @@ def budget(directory: Path, **kwargs) -> BudgetCallback:
     cb.hook_seconds = []
     snapshot = cb._snapshot
 
-    def timed(step: int) -> None:
+    def timed(*args) -> None:  # (trainer, step)
         t = time.perf_counter()
-        snapshot(step)
+        snapshot(*args)
         cb.hook_seconds.append(time.perf_counter() - t)
 
     cb._snapshot = timed

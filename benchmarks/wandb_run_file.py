@@ -53,7 +53,7 @@ def one_run(steps: int, log_every: int, tag: str) -> tuple[int, int, dict]:
 
 
 def main() -> int:
-    cases = [(100, 1), (500, 10), (1000, 50), (2000, 5)]
+    cases = [(100, 1), (500, 10), (1000, 50), (1000, 5)]
     reps = 2
     rows, fit_x, fit_y = [], [], []
     for steps, every in cases:
@@ -75,9 +75,10 @@ def main() -> int:
     from budget_callback import wandb_usage as WU
 
     line = statistics.linear_regression(fit_x, fit_y)
-    per_row_forecast = WU.RUN_FILE_BYTES_PER_ROW + 5 * WU.RUN_FILE_BYTES_PER_POINT  # train/loss + 3 budget + epoch
+    scalars = 2 + WU.CALLBACK_METRICS  # train/loss, epoch and the callback's own budget/* scalars
+    per_row_forecast = WU.RUN_FILE_BYTES_PER_ROW + scalars * WU.RUN_FILE_BYTES_PER_POINT
     keys = sorted({k for k in LAST_METRICS if k.startswith("budget/")} | {"budget/events"})  # _log adds events
-    extra = (len(keys) - 3) * WU.RUN_FILE_BYTES_PER_POINT
+    extra = (len(keys) - WU.CALLBACK_METRICS) * WU.RUN_FILE_BYTES_PER_POINT
     md = "\n".join([
         "## 2c. W&B local run-file bytes: forecast vs offline run-*.wandb",
         "",
@@ -91,16 +92,15 @@ def main() -> int:
     ])
     md += (f"\n\nLeast-squares fit of the measured size on the number of logged rows: **{line.slope:,.0f} B per row "
            f"+ {line.intercept:,.0f} B fixed**; the forecast assumes {per_row_forecast:,} B per row "
-           f"({WU.RUN_FILE_BYTES_PER_ROW} B + 5 scalars x {WU.RUN_FILE_BYTES_PER_POINT} B: train/loss, epoch and "
-           f"`budget_metrics=3`) + {WU.RUN_FILE_FIXED_BYTES:,} B fixed.")
+           f"({WU.RUN_FILE_BYTES_PER_ROW} B + {scalars} scalars x {WU.RUN_FILE_BYTES_PER_POINT} B: train/loss, "
+           f"epoch and {WU.CALLBACK_METRICS} `budget/*` scalars ({len(keys)} logged here)) + "
+           f"{WU.RUN_FILE_FIXED_BYTES:,} B fixed.")
     if misses:
         md += ("\n\n**Target missed** in " + str(len(misses)) + " of " + str(len(rows)) + " rows: the forecast is too "
                f"low. Reason found: (1) per row, the callback logs {len(keys)} `budget/*` scalars "
-               f"({', '.join('`' + k + '`' for k in keys)}), but `LoggingSpec.budget_metrics` defaults to 3 and "
-               "`run_inputs.logging_spec` never sets it: at "
-               f"{WU.RUN_FILE_BYTES_PER_POINT} B per scalar the {len(keys) - 3} missing scalars are {extra} B of the "
-               f"{line.slope - per_row_forecast:,.0f} B per-row gap; (2) the fixed part (the whole forecast in the run config, the "
-               "`budget/forecast_table`, the end-of-fit charts and events) is far above `RUN_FILE_FIXED_BYTES`.")
+               f"({', '.join('`' + k + '`' for k in keys)}) against {WU.CALLBACK_METRICS} forecast "
+               f"({extra:+,} B per row); (2) the per-row gap is {line.slope - per_row_forecast:,.0f} B and the fixed "
+               f"part {line.intercept - WU.RUN_FILE_FIXED_BYTES:+,.0f} B.")
     write_section("wandb_run_file", md)
     print(md)
     return 0
