@@ -210,8 +210,8 @@ KILL_SCRIPT = textwrap.dedent("""
         if metadata["first_step"] == "6":
             with open(path, "wb") as fh:      # half of the file is on disk ...
                 fh.write(b"x" * 1000); fh.flush(); os.fsync(fh.fileno())
-            open({marker!r}, "w").close()     # ... tell the parent, and wait to be killed
-            time.sleep(60)
+            print("WRITING", flush=True)      # ... tell the parent, and wait to be killed
+            time.sleep(600)
         return real(tensors, path, metadata=metadata)
     w.save_file = slow
     cb = BudgetCallback({snaps!r})
@@ -221,16 +221,14 @@ KILL_SCRIPT = textwrap.dedent("""
 
 
 def test_sigkill_mid_write_then_resume(tmp_path, record):
-    snaps, ckpt, marker = tmp_path / "s", tmp_path / "ckpt", tmp_path / "writing"
+    snaps, ckpt = tmp_path / "s", tmp_path / "ckpt"
     script = tmp_path / "victim.py"
-    script.write_text(KILL_SCRIPT.format(tests=str(ROOT / "tests"), marker=str(marker), snaps=str(snaps),
-                                         ckpt=str(ckpt), root=str(tmp_path)))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not marker.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline, "the victim never reached the write"
-        time.sleep(0.05)
+    script.write_text(KILL_SCRIPT.format(tests=str(ROOT / "tests"), snaps=str(snaps), ckpt=str(ckpt),
+                                         root=str(tmp_path)))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    lines = iter(proc.stdout.readline, "")  # blocks until the victim is inside the write (or exits)
+    assert any(line.strip() == "WRITING" for line in lines), "the victim exited before reaching the write"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(30)
     temporaries = [n for n in os.listdir(snaps) if n.startswith(".")]
