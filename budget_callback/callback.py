@@ -258,7 +258,7 @@ class BudgetCallback(Callback):
                     optimizer_kwargs=kwargs, autocast_dtype=autocast, skip=(trainer,))
         except Exception as err:  # noqa: BLE001 - tracing is best effort; say so in the report
             note = f"not traced ({type(err).__name__}: {str(err)[:120]}); activations not counted"
-            return None, None, note
+            return peak_memory_from_trace(_model_state_only(pl_module, setup), setup), None, note
         memory = peak_memory_from_trace(trace, setup)
         per_sequence = trace["train_flops"] // max(1, setup.micro_batch_size)
         return memory, per_sequence, "traced training step (fake tensors, cpu fake device)"
@@ -528,6 +528,21 @@ class BudgetCallback(Callback):
             "global_step": int(state_dict.get("global_step", 0)),
             "intervals": state_dict.get("intervals") or None,
         }
+
+
+def _model_state_only(module: torch.nn.Module, setup) -> dict:
+    """A trace-shaped record with parameters, gradients and optimizer state only (when tracing failed)."""
+    from .precision import optimizer_states_per_param
+
+    p = setup.prec.param_bytes
+    trainable = sum(t.numel() for t in module.parameters() if t.requires_grad)
+    frozen = sum(t.numel() for t in module.parameters() if not t.requires_grad)
+    params, grads = p * (trainable + frozen), p * trainable
+    state = optimizer_states_per_param(setup.optimizer, setup.momentum) * p * trainable
+    persistent = params + state
+    return {"params_bytes": params, "buffers_bytes": 0, "gradients_bytes": grads, "optimizer_state_bytes": state,
+            "forward_peak_bytes": persistent, "backward_peak_bytes": persistent,
+            "optimizer_peak_bytes": persistent + grads}
 
 
 def _existing_parent(path: Path) -> Path:

@@ -250,3 +250,21 @@ def test_unembedding_name_not_2d(tmp_path):
     with pytest.raises(ValueError, match="2-D"):
         trainer(tmp_path, [BudgetCallback(tmp_path / "s", unembedding="mix.bias")], max_steps=1).fit(
             LensLM(), token_loader(vocab=40))
+
+
+def test_untraceable_module_still_runs_and_says_so(tmp_path):
+    class Untraceable(LensLM):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            if loss.item() > 1e9:  # data-dependent Python control flow: cannot run on fake tensors
+                raise AssertionError
+            return loss
+
+    cb = BudgetCallback(tmp_path / "s")
+    trainer(tmp_path, [cb], max_steps=2).fit(Untraceable(), token_loader(vocab=40))
+    memory = cb.forecast.memory
+    assert memory["activations_method"].startswith("not traced")
+    assert memory["activations_bytes"] == 0
+    n = sum(p.numel() for p in Untraceable().parameters())
+    assert memory["phases"]["optimizer_step"]["total"] == 4 * n * 4  # fp32 params, grads, two AdamW moments
+    assert SnapshotReader(tmp_path / "s").steps == [1, 2]
