@@ -106,3 +106,15 @@ def test_console_script_and_module_agree():
     proc = subprocess.run([sys.executable, "-m", "budget_callback", "plan", "--preset", "gpt2-tiny", "--json"],
                           capture_output=True, text=True, check=True)
     assert json.loads(proc.stdout)["params"]["total"] == 756_480
+
+
+def test_readme_gpt2_xl_output_is_current(capsys):
+    """The README shows the plan's real output for examples/plan_gpt2_xl.sh."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    marker = "GPT-2 XL on eight H100s (the output of the third command above):\n\n```\n"
+    shown = readme[readme.index(marker) + len(marker):].split("```")[0]
+    main(["plan", "--preset", "gpt2-xl", "--gpu", "h100", "--devices", "8", "--strategy", "fsdp", "--batch-size", "8",
+          "--steps", "20000", "--save-every", "10", "--checkpoint-every", "1000"])
+    assert capsys.readouterr().out == shown
