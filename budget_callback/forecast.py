@@ -226,7 +226,7 @@ def forecast(inputs: PlanInputs, measured: Measured | None = None, free_disk_byt
     time = {"gpu": inputs.gpu, "peak_flops_per_device": None, "mfu": inputs.mfu, "step_seconds": None, "train_seconds": None}
     if device:
         peak = device.peak_flops(setup.prec.torch_dtype)
-        time.update(peak_flops_per_device=peak,
+        time.update(peak_flops_per_device=int(peak),
                     step_seconds=F.train_seconds(step["total"], peak, setup.world_size, inputs.mfu),
                     train_seconds=F.train_seconds(flops["train_total"], peak, setup.world_size, inputs.mfu))
 

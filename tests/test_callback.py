@@ -268,3 +268,16 @@ def test_untraceable_module_still_runs_and_says_so(tmp_path):
     n = sum(p.numel() for p in Untraceable().parameters())
     assert memory["phases"]["optimizer_step"]["total"] == 4 * n * 4  # fp32 params, grads, two AdamW moments
     assert SnapshotReader(tmp_path / "s").steps == [1, 2]
+
+
+def test_accelerator_memory_metrics(tmp_path, monkeypatch):
+    """No GPU here: torch.cuda's peak-memory probe is mocked (the one thing that cannot exist on this machine)."""
+    cb = BudgetCallback(tmp_path / "s")
+    trainer(tmp_path, [cb], max_steps=2).fit(TinyLM(), token_loader())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 123_456)
+    cb._on_accelerator = True
+    fake_trainer = type("FakeTrainer", (), {"log_every_n_steps": 1, "world_size": 1})()
+    metrics = cb._metrics(fake_trainer, 2)
+    assert metrics["budget/memory_projected_bytes"] == cb.forecast.memory["peak_bytes"]
+    assert metrics["budget/memory_actual_bytes"] == 123_456

@@ -37,6 +37,7 @@ def test_json_has_contract_keys_and_integers(capsys):
             assert isinstance(value, int) and not isinstance(value, bool), key
     assert d["params"]["total"] == 1_557_611_200
     assert isinstance(d["time"]["train_seconds"], float) and d["time"]["train_seconds"] > 0
+    assert d["time"]["peak_flops_per_device"] == 989_400_000_000_000  # FLOP figures are integers
     assert isinstance(d["memory"]["max_batch_size"], int) and d["memory"]["min_devices"] >= 1
 
 
