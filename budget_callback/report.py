@@ -50,7 +50,7 @@ def render(f: Forecast) -> str:
     t = f.time
     if t["gpu"]:
         out += _table(f"Time on {setup.world_size} x {t['gpu']}", [
-            ("dense peak per device", format_count(t["peak_flops_per_device"]) + "FLOP/s"),
+            ("dense peak per device", format_count(t["peak_flops_per_device"]) + " FLOP/s"),
             ("assumed MFU", f"{t['mfu']:.0%}"),
             ("per optimizer step", format_seconds(t["step_seconds"])),
             ("whole run", format_seconds(t["train_seconds"]))])
