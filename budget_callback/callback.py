@@ -509,7 +509,7 @@ class BudgetCallback(Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         """Every snapshot up to the checkpoint's step is on disk before the checkpoint is (no gaps on resume)."""
         if self._writer is not None and not self._writer._closed:
-            self._writer.flush()
+            self._writer.flush(final=False)
 
     def state_dict(self) -> dict[str, Any]:
         writer = self._writer

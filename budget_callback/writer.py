@@ -27,6 +27,7 @@ from .errors import SnapshotWriteError
 from .storage import SNAPSHOT_FORMAT, SnapshotLayout
 
 MANIFEST = "manifest.json"
+_FLUSH, _FLUSH_KEEP = -1, -2  # queue markers: close the open stack / write it but keep it open
 TMP_MARK = ".tmp-"
 WHEN_BEHIND = ("wait", "drop")
 
@@ -121,6 +122,7 @@ class SnapshotWriter:
         self._error: BaseException | None = None
         self._stack: torch.Tensor | dict | None = None
         self._stack_steps: list[int] = []
+        self._stack_on_disk: tuple[int, int] | None = None  # (snapshots, bytes) of the open stack's partial file
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="budget-callback-writer", daemon=True)
         self._closed = False
@@ -160,18 +162,23 @@ class SnapshotWriter:
         return True
 
     def set_interval(self, every: int, from_step: int) -> None:
-        """Change the interval from ``from_step`` on: the partial stacked file is flushed first."""
+        """Change the interval from ``from_step`` on: the partial stacked file is closed first."""
         self.flush()
         with self._lock:
             self.every = every
             self._intervals.append({"from_step": from_step, "every": every})
             self._write_manifest()
 
-    def flush(self) -> None:
-        """Wait until everything queued is on disk, including a partial stacked file."""
+    def flush(self, final: bool = True) -> None:
+        """Wait until everything queued is on disk, including a partial stacked file.
+
+        ``final=False`` (before a checkpoint) writes the partial stack durably but
+        keeps it open: later snapshots of the same stack rewrite that file in
+        place, so checkpoints do not split stacked files (sizes stay as forecast).
+        """
         self.check()
         if self._thread.is_alive():
-            self._queue.put(_Item(-1, {}))  # marker: flush the stack
+            self._queue.put(_Item(_FLUSH if final else _FLUSH_KEEP, {}))
             self._queue.join()
         self.check()
 
@@ -182,7 +189,7 @@ class SnapshotWriter:
         self._closed = True
         try:
             if self._thread.is_alive():
-                self._queue.put(_Item(-1, {}))
+                self._queue.put(_Item(_FLUSH, {}))
                 self._queue.put(None)
                 self._thread.join()
         finally:
@@ -222,7 +229,7 @@ class SnapshotWriter:
         K = self.layout.snapshots_per_file
         if item.step < 0:  # flush marker
             if self._stack_steps:
-                self._write_stack()
+                self._write_stack(final=item.step == _FLUSH)
             return
         if item.event is not None:
             item.event.synchronize()
@@ -240,12 +247,23 @@ class SnapshotWriter:
         if len(self._stack_steps) == K:
             self._write_stack()
 
-    def _write_stack(self) -> None:
+    def _write_stack(self, final: bool = True) -> None:
         count = len(self._stack_steps)
-        self._write({n: t[:count] for n, t in self._stack.items()}, list(self._stack_steps))
-        self._stack_steps = []
+        on_disk = self._stack_on_disk
+        if on_disk is None or on_disk[0] != count:
+            size = self._write({n: t[:count] for n, t in self._stack.items()}, list(self._stack_steps), on_disk)
+            if size is not None:
+                self._stack_on_disk = (count, size)
+        if final:
+            self._stack_steps = []
+            self._stack_on_disk = None
 
-    def _write(self, tensors: dict[str, torch.Tensor], steps: list[int]) -> None:
+    def _write(self, tensors: dict[str, torch.Tensor], steps: list[int],
+               replaces: tuple[int, int] | None = None) -> int | None:
+        """Write one file atomically; ``replaces`` = (snapshots, bytes) of the partial file it supersedes.
+
+        Returns the file's size, or None when the disk was full (the snapshot is counted as lost).
+        """
         every = steps[1] - steps[0] if len(steps) > 1 else self.every
         path = self.directory / snapshot_name(steps[0])
         tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
@@ -263,14 +281,15 @@ class SnapshotWriter:
             if not is_disk_full(err):
                 raise
             with self._lock:
-                self.stats.failed += len(steps)
+                self.stats.failed += len(steps) - (replaces[0] if replaces else 0)
                 self.stats.events.append({"step": steps[0], "event": "disk_full", "reason": "no space left on device"})
-            return
+            return None
         size = path.stat().st_size
+        old_count, old_size = replaces or (0, 0)
         with self._lock:
-            self.stats.files_written += 1
-            self.stats.snapshots_written += len(steps)
-            self.stats.bytes_written += size
+            self.stats.files_written += 0 if replaces else 1
+            self.stats.snapshots_written += len(steps) - old_count
+            self.stats.bytes_written += size - old_size
             self.last_step = steps[-1]
             try:
                 self._write_manifest()
@@ -278,6 +297,7 @@ class SnapshotWriter:
                 if not is_disk_full(err):
                     raise
                 self.stats.events.append({"step": steps[-1], "event": "disk_full", "reason": "manifest not updated"})
+        return size
 
     def _write_manifest(self) -> None:
         manifest = {

@@ -281,3 +281,30 @@ def test_accelerator_memory_metrics(tmp_path, monkeypatch):
     metrics = cb._metrics(fake_trainer, 2)
     assert metrics["budget/memory_projected_bytes"] == cb.forecast.memory["peak_bytes"]
     assert metrics["budget/memory_actual_bytes"] == 123_456
+
+
+def test_checkpoints_do_not_split_stacked_files(tmp_path):
+    """Before each checkpoint the open stack is written durably, then rewritten in place as it fills."""
+    cb = BudgetCallback(tmp_path / "s", snapshots_per_file=4)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    trainer(tmp_path, [cb, ckpt], max_steps=10, enable_checkpointing=True).fit(TinyLM(), token_loader(n=100))
+    assert cb.bytes_written == cb.projected_bytes
+    assert _files(tmp_path / "s") == ["step_000000001.safetensors", "step_000000005.safetensors",
+                                      "step_000000009.safetensors"]
+    assert SnapshotReader(tmp_path / "s").steps == list(range(1, 11))
+
+
+def test_resume_mid_stack_cuts_the_stacked_file(tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+    first = BudgetCallback(tmp_path / "s", snapshots_per_file=4, snapshot_dtype="float32")
+    ckpt = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=6, save_top_k=-1)
+    trainer(tmp_path, [first, ckpt], max_steps=10, enable_checkpointing=True).fit(TinyLM(), token_loader(n=100))
+    second = BudgetCallback(tmp_path / "s", snapshots_per_file=4, snapshot_dtype="float32")
+    rec = RecordW(lambda m: m.model.lm_head.weight)
+    path = str(next(p for p in ckpt_dir.iterdir() if "step=6" in p.name))
+    trainer(tmp_path, [second, rec], max_steps=12).fit(TinyLM(), token_loader(n=100), ckpt_path=path)
+    reader = SnapshotReader(tmp_path / "s")
+    assert reader.steps == list(range(1, 13))
+    for step in (7, 10, 12):  # written by the resumed run
+        assert torch.equal(reader.load(step), rec.seen[step])
+    assert second.bytes_written == sum(os.path.getsize(tmp_path / "s" / f) for f in _files(tmp_path / "s"))
