@@ -97,10 +97,6 @@ class Forecast:
     def fits(self) -> bool:
         return all(v.fits for v in self.verdicts.values())
 
-    def snapshot_bytes_due(self, step: int) -> int:
-        """Forecast snapshot bytes written by optimizer step ``step`` (the projected curve)."""
-        return self.inputs.snapshot.layout(self.inputs.shape).series_bytes(min(step, self.inputs.steps), self.save_every_n_steps)
-
     def to_dict(self) -> dict:
         i = self.inputs
         return {
