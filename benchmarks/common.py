@@ -26,6 +26,27 @@ def tmp_dir(name: str) -> Path:
     return path
 
 
+def timed_writer(directory: Path, layout, tensor, n: int):
+    """Write ``n`` snapshots of ``tensor`` with SnapshotWriter (fsync on) into a fresh ``directory``.
+
+    Returns (seconds from the first submit to the last file on disk, the writer's stats).
+    """
+    import shutil
+
+    from budget_callback.writer import SnapshotWriter
+
+    shutil.rmtree(directory, ignore_errors=True)
+    writer = SnapshotWriter(directory, layout, every=1, queue_depth=4, fsync=True)
+    writer.start()
+    t0 = time.perf_counter()
+    for step in range(1, n + 1):
+        writer.submit(step, {"unembedding": tensor})
+    writer.close()
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(directory, ignore_errors=True)
+    return seconds, writer.stats
+
+
 def log(*args) -> None:
     print(f"[{time.strftime('%H:%M:%S')}]", *args, flush=True)
 

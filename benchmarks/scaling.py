@@ -15,25 +15,22 @@
 from __future__ import annotations
 
 import math
-import shutil
 import statistics
 import sys
-import time
 import timeit
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import log, median, spread, table, tmp_dir, write_section  # noqa: E402
+from common import log, median, spread, table, timed_writer, tmp_dir, write_section  # noqa: E402
 
-from budget_callback.forecast import Budgets, Measured, PlanInputs, forecast  # noqa: E402
+from budget_callback.forecast import Budgets, PlanInputs, forecast  # noqa: E402
 from budget_callback.gpt import GPT  # noqa: E402
 from budget_callback.memory import TrainSetup  # noqa: E402
 from budget_callback.run_inputs import module_counts, state_dict_entries  # noqa: E402
 from budget_callback.shapes import preset  # noqa: E402
 from budget_callback.storage import SnapshotLayout  # noqa: E402
-from budget_callback.writer import SnapshotWriter  # noqa: E402
 
 CMD = "`python benchmarks/scaling.py`"
 SIZES = [(128, 64), (1_000, 256), (10_000, 64), (10_000, 768), (50_257, 768), (128_256, 1_024), (256_000, 1_024),
@@ -43,17 +40,8 @@ SIZES = [(128, 64), (1_000, 256), (10_000, 64), (10_000, 768), (50_257, 768), (1
 def writer_run(V: int, D: int, n: int) -> tuple[float, int]:
     layout = SnapshotLayout(V, D, "bfloat16")
     w = torch.empty(V, D, dtype=torch.bfloat16).normal_()
-    d = tmp_dir("scaling") / "w"
-    shutil.rmtree(d, ignore_errors=True)
-    sw = SnapshotWriter(d, layout, 1, queue_depth=4, fsync=True)
-    sw.start()
-    t0 = time.perf_counter()
-    for s in range(1, n + 1):
-        sw.submit(s, {"unembedding": w})
-    sw.close()
-    dt = time.perf_counter() - t0
-    shutil.rmtree(d, ignore_errors=True)
-    return dt / n, sw.stats.bytes_written // n
+    dt, stats = timed_writer(tmp_dir("scaling") / "w", layout, w, n)
+    return dt / n, stats.bytes_written // n
 
 
 def slope(xs, ys) -> float:

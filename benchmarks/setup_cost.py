@@ -80,7 +80,7 @@ def main() -> int:
                      verdict(median(secs) < target),
                      f"{median([x['rss_peak'] for x in runs]):.0f} MiB (after imports "
                      f"{median([x['rss_imports'] for x in runs]):.0f} MiB)",
-                     f"{median([x['build'] for x in runs]):.3f} s", f"`python benchmarks/setup_cost.py`"])
+                     f"{median([x['build'] for x in runs]):.3f} s", "`python benchmarks/setup_cost.py`"])
     md = "## 3. Setup cost\n\nEach run in a fresh subprocess (peak RSS = `resource.getrusage(RUSAGE_SELF).ru_maxrss`).\n\n" + table(
         ["forecast", "median time", "spread (min–max)", "target", "result", "peak RSS (median)",
          "meta module build (not in the time)", "command"], rows)

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, log, median, spread, table, tmp_dir, verdict, write_section  # noqa: E402
+from common import ROOT, log, median, spread, table, timed_writer, tmp_dir, verdict, write_section  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "examples"))
 from corpus import TokenWindows, load_corpus  # noqa: E402
@@ -40,7 +40,6 @@ from budget_callback import BudgetCallback  # noqa: E402
 from budget_callback.gpt import GPT  # noqa: E402
 from budget_callback.shapes import ModelShape  # noqa: E402
 from budget_callback.storage import SnapshotLayout  # noqa: E402
-from budget_callback.writer import SnapshotWriter  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -118,17 +117,8 @@ def writer_vs_raw(reps: int, n: int, V: int = 50_257, D: int = 768) -> dict:
     writer_mbs, raw_mbs, ratios = [], [], []
 
     def run_writer() -> float:
-        d = root / "writer"
-        shutil.rmtree(d, ignore_errors=True)
-        sw = SnapshotWriter(d, layout, every=1, queue_depth=4, fsync=True)
-        sw.start()
-        t0 = time.perf_counter()
-        for s in range(1, n + 1):
-            sw.submit(s, {"unembedding": w})
-        sw.close()
-        dt = time.perf_counter() - t0
-        assert sw.stats.bytes_written == sum(sizes), (sw.stats.bytes_written, sum(sizes))
-        shutil.rmtree(d, ignore_errors=True)
+        dt, stats = timed_writer(root / "writer", layout, w, n)
+        assert stats.bytes_written == sum(sizes), (stats.bytes_written, sum(sizes))
         return sum(sizes) / dt / 1e6
 
     def run_raw() -> float:

@@ -100,6 +100,7 @@ class WriterStats:
     dropped: int = 0
     failed: int = 0  # snapshots lost to ENOSPC
     accepted: int = 0  # snapshots handed to the writer
+    waits: int = 0  # times training found the queue full and waited
     events: list[dict] = field(default_factory=list)
 
 
@@ -150,6 +151,7 @@ class SnapshotWriter:
             self.stats.dropped += 1
             self.stats.events.append({"step": step, "event": "dropped", "reason": "writer queue full"})
             return False
+        self.stats.waits += 1
         start = time.perf_counter()
         while True:  # wait, but surface a writer failure instead of blocking on a dead thread
             try:

@@ -140,29 +140,44 @@ def test_injected_enospc_portable(tmp_path, monkeypatch, record):
     record(enospc_step=4, readable=len(SnapshotReader(tmp_path / "s")), partial=0, reached=t.global_step)
 
 
-def test_slow_writer_waits_and_reports_backpressure(tmp_path, monkeypatch, record):
+def _stall_first_write(monkeypatch, until):
+    """A disk that stalls on the first write until ``until()`` holds (the training side has hit the full
+    queue), then writes normally. Event-driven: no sleep decides the outcome; 60 s is only a safety bound."""
+    import threading
+
     import budget_callback.writer as writer_module
 
-    real = writer_module.save_file
-    monkeypatch.setattr(writer_module, "save_file", lambda *a, **k: (time.sleep(0.3), real(*a, **k))[1])
+    real, first = writer_module.save_file, threading.Event()
+
+    def stalled(*args, **kwargs):
+        if not first.is_set():
+            first.set()
+            deadline = time.monotonic() + 60
+            while not until() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(writer_module, "save_file", stalled)
+
+
+def test_slow_writer_waits_and_reports_backpressure(tmp_path, monkeypatch, record):
     cb = BudgetCallback(tmp_path / "s", queue_depth=1)
+    _stall_first_write(monkeypatch, lambda: cb._writer.stats.waits >= 1)
     logger = CSVLogger(tmp_path, name="csv")
     trainer(tmp_path, [cb], max_steps=10, logger=logger, log_every_n_steps=5).fit(TinyLM(), token_loader(n=100))
-    assert cb._writer.stats.backpressure_seconds > 0
+    stats = cb._writer.stats
+    assert stats.waits >= 1 and stats.backpressure_seconds > 0
     assert SnapshotReader(tmp_path / "s").steps == list(range(1, 11))  # waited: nothing lost
     assert cb._writer._queue.maxsize == 1  # RAM bounded by the queue
     text = open(os.path.join(logger.log_dir, "metrics.csv")).read()
     assert "budget/writer_backpressure_seconds" in text
-    record(backpressure_seconds=round(cb._writer.stats.backpressure_seconds, 2), written=10, lost=0, queue_depth=1,
-           write_delay_seconds=0.3)
+    record(backpressure_seconds=round(stats.backpressure_seconds, 3), waits=stats.waits, written=10, lost=0,
+           queue_depth=1)
 
 
 def test_slow_writer_drops_and_counts(tmp_path, monkeypatch, record):
-    import budget_callback.writer as writer_module
-
-    real = writer_module.save_file
-    monkeypatch.setattr(writer_module, "save_file", lambda *a, **k: (time.sleep(0.3), real(*a, **k))[1])
     cb = BudgetCallback(tmp_path / "s", queue_depth=1, when_behind="drop")
+    _stall_first_write(monkeypatch, lambda: cb._writer.stats.dropped >= 1)
     trainer(tmp_path, [cb], max_steps=10).fit(TinyLM(), token_loader(n=100))
     stats = cb._writer.stats
     assert stats.dropped >= 1
