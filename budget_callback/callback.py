@@ -111,6 +111,7 @@ class BudgetCallback(Callback):
         self._paused = False
         self._failed_seen = 0
         self._sharded = False
+        self._tied = False
         self._last_step_time: float | None = None
         self._step_times: list[float] = []
         self._peak_flops: float | None = None
@@ -142,8 +143,8 @@ class BudgetCallback(Callback):
         resuming = self._restored is not None or trainer.ckpt_path is not None
         self._sources = self._locate(pl_module)
         V, D = self._sources["unembedding"].shape()
-        tied = "embedding" not in self._sources and self.include_embedding
-        self._layout = SnapshotLayout(V, D, self.snapshot_dtype, self.snapshots_per_file, self.include_embedding, tied)
+        self._layout = SnapshotLayout(V, D, self.snapshot_dtype, self.snapshots_per_file, self.include_embedding,
+                                      self._tied)
         self._steps = R.total_steps(trainer)
         self._sharded = R.is_sharded(trainer, self._sources["unembedding"].get())
         batch = R.first_batch(trainer)  # every rank: loading the dataloader may hold a barrier
@@ -188,26 +189,27 @@ class BudgetCallback(Callback):
 
     def _locate(self, pl_module: pl.LightningModule) -> dict[str, MatrixSource]:
         w = find_unembedding(pl_module, self.unembedding)
+        e = find_embedding(pl_module)
+        self._tied = is_tied(w, e)
         sources = {"unembedding": w}
         if self.include_embedding:
-            e = find_embedding(pl_module)
             if e is None:
                 raise ValueError("`include_embedding=True` but no input embedding was found "
                                  "(tried get_input_embeddings() and nn.Embedding layers)")
-            if not is_tied(w, e):
+            if not self._tied:
                 sources["embedding"] = e
         return sources
 
     def _forecast(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch) -> Forecast:
-        shape = R.find_shape(pl_module)
+        declared = R.find_shape(pl_module)
+        shape = declared
         memory_default, self._on_accelerator = R.memory_budget_default(pl_module)
         device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
         optimizer, momentum, impl, opt = R.optimizer_settings(trainer, self._on_accelerator)
         dims = R.batch_dims(batch) or (1, None)
         V, D = self._sources["unembedding"].shape()
-        tied = "embedding" not in self._sources and is_tied(self._sources["unembedding"], find_embedding(pl_module))
-        if shape is None:
-            shape = ModelShape(vocab_size=V, d_model=D, n_layer=1, n_head=1, n_ctx=dims[1] or 1, tied=tied,
+        if shape is None:  # stand-in: only V, D and tying are used (storage); memory and FLOPs are traced
+            shape = ModelShape(vocab_size=V, d_model=D, n_layer=1, n_head=1, n_ctx=dims[1] or 1, tied=self._tied,
                                name=type(pl_module).__name__)
         setup = R.train_setup(trainer, dims[0], dims[1] or shape.n_ctx, optimizer, momentum, impl)
         on_gpu = device.type == "cuda"
@@ -233,7 +235,7 @@ class BudgetCallback(Callback):
         n_params, n_tensors = R.module_counts(pl_module)
         entries = R.state_dict_entries(pl_module)
         memory, flops, method = None, None, "analytic transformer"
-        if R.find_shape(pl_module) is None:
+        if declared is None:
             memory, flops, method = self._trace(trainer, pl_module, batch, setup, opt)
         measured = Measured(n_params, n_tensors, entries, memory, flops, method)
         free = shutil.disk_usage(self.snapshot_dir).free
