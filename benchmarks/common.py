@@ -27,24 +27,28 @@ def tmp_dir(name: str) -> Path:
 
 
 def timed_writer(directory: Path, layout, tensor, n: int):
-    """Write ``n`` snapshots of ``tensor`` with SnapshotWriter (fsync on) into a fresh ``directory``.
+    """Write ``n`` snapshots of ``tensor`` with the callback's writer (fsync on) into a fresh ``directory``.
 
-    Returns (seconds from the first submit to the last file on disk, the writer's stats).
+    Returns (seconds from the first submit to the last file on disk, bytes written).
     """
     import shutil
 
-    from budget_callback.writer import SnapshotWriter
+    from budget_callback.snapshots.schedule import Schedule
+    from budget_callback.snapshots.series import Series
+    from budget_callback.snapshots.writer import SnapshotWriter
 
     shutil.rmtree(directory, ignore_errors=True)
-    writer = SnapshotWriter(directory, layout, every=1, queue_depth=4, fsync=True)
+    directory.mkdir(parents=True)
+    series = Series(directory, layout, "bench", Schedule.start(layout, 1))
+    writer = SnapshotWriter(series, queue_depth=4)
     writer.start()
     t0 = time.perf_counter()
     for step in range(1, n + 1):
-        writer.submit(step, {"unembedding": tensor})
+        writer.submit(series.place(step), {"unembedding": tensor})
     writer.close()
     seconds = time.perf_counter() - t0
     shutil.rmtree(directory, ignore_errors=True)
-    return seconds, writer.stats
+    return seconds, series.bytes_written
 
 
 def log(*args) -> None:

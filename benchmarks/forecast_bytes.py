@@ -2,7 +2,7 @@
 
 Snapshots: SnapshotWriter (the callback's writer, fsync on) writes real files for several
 shapes, dtypes, stacking (snapshots_per_file), intervals crossing a digit boundary of the step
-number, and W+E; the forecast is SnapshotLayout.series_bytes / file_bytes. Two rows go through
+number, and W+E; the forecast is snapshots.schedule.series_bytes / SnapshotLayout.file_bytes. Two rows go through
 a real Trainer with BudgetCallback (cb.projected_bytes vs the files). Checkpoints: Lightning's
 ModelCheckpoint writes a .ckpt next to BudgetCallback; the forecast is
 cb.forecast.storage["checkpoint_bytes"].
@@ -25,10 +25,12 @@ from common import log, table, tmp_dir, verdict, write_section  # noqa: E402
 from models import ShapeLM, token_loader, trainer  # noqa: E402
 
 from budget_callback import BudgetCallback  # noqa: E402
-from budget_callback.params import module_params  # noqa: E402
-from budget_callback.shapes import ModelShape  # noqa: E402
-from budget_callback.storage import SnapshotLayout  # noqa: E402
-from budget_callback.writer import SnapshotWriter  # noqa: E402
+from budget_callback.lightning.inputs import module_params  # noqa: E402
+from budget_callback.forecast.shapes import ModelShape  # noqa: E402
+from budget_callback.snapshots.format import SnapshotLayout  # noqa: E402
+from budget_callback.snapshots.schedule import Schedule, series_bytes  # noqa: E402
+from budget_callback.snapshots.series import Series  # noqa: E402
+from budget_callback.snapshots.writer import SnapshotWriter  # noqa: E402
 
 warnings.filterwarnings("ignore")
 CMD = "`python benchmarks/forecast_bytes.py`"
@@ -42,11 +44,15 @@ def writer_case(V, D, dtype, K, every, steps, include_embedding=False) -> list:
     layout = SnapshotLayout(V, D, dtype, K, include_embedding, tied=False)
     d = tmp_dir("forecast_bytes") / "snap"
     shutil.rmtree(d, ignore_errors=True)
-    w = SnapshotWriter(d, layout, every, fsync=True)
+    d.mkdir(parents=True)
+    series = Series(d, layout, "bench", Schedule.start(layout, every))
+    w = SnapshotWriter(series)
     w.start()
     t = torch.randn(V, D).to(getattr(torch, dtype))
-    for step in range(every, steps + 1, every):
-        w.submit(step, {name: t for name in layout.names})
+    for step in range(1, steps + 1):
+        placement = series.place(step)
+        if placement is not None:
+            w.submit(placement, {name: t for name in layout.names})
     w.close()
     on_disk = files_on_disk(d)
     # per-file forecast: the file starting at step s holds min(K, remaining) snapshots
@@ -55,7 +61,7 @@ def writer_case(V, D, dtype, K, every, steps, include_embedding=False) -> list:
     for i in range(0, len(snaps), K):
         group = snaps[i:i + K]
         per_file[f"step_{group[0]:09d}.safetensors"] = layout.file_bytes(group[0], len(group), every)
-    forecast = layout.series_bytes(steps, every)
+    forecast = series_bytes(layout, steps, every)
     actual = sum(on_disk.values())
     worst = max(abs(on_disk.get(n, 0) - b) for n, b in per_file.items())
     names_match = set(per_file) == set(on_disk)
@@ -134,7 +140,7 @@ def main() -> int:
     md = "\n".join([
         "## 2a. Snapshot bytes: forecast vs files on disk",
         "",
-        "Forecast: `SnapshotLayout.series_bytes(steps, every)` (whole series) and `file_bytes(first_step, count, every)` "
+        "Forecast: `snapshots.schedule.series_bytes(layout, steps, every)` (whole series) and `file_bytes(first_step, count, every)` "
         "(each file). Files written by `SnapshotWriter` (fsync on), sizes from `stat`. K = snapshots_per_file; a last "
         "partial stacked file is included where steps/every is not a multiple of K.",
         "",
@@ -146,7 +152,7 @@ def main() -> int:
         "## 2b. Checkpoint bytes: forecast vs Lightning's .ckpt",
         "",
         "`ModelCheckpoint(every_n_train_steps=2)` after 2 steps, fp32 (`32-true`), one file; forecast "
-        "`cb.forecast.storage['checkpoint_bytes']` (= `budget_callback.checkpoint.checkpoint_bytes`). "
+        "`cb.forecast.storage['checkpoint_bytes']` (= `budget_callback.forecast.checkpoint.checkpoint_bytes`). "
         "Deterministic sizes, one run per row.",
         "",
         table(["model", "forecast B", ".ckpt B", "difference", "error", "target", "result", "command"], ckpt_rows),

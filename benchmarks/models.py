@@ -6,8 +6,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from budget_callback.gpt import GPT
-from budget_callback.shapes import ModelShape
+from budget_callback.models.gpt import GPT
+from budget_callback.forecast.shapes import ModelShape
 
 
 class ShapeLM(L.LightningModule):

@@ -1,16 +1,16 @@
 """Benchmark 2d: peak training memory, forecast vs measured on the CPU, with published anchors.
 
 Measured: one REAL training step (forward, cross-entropy, backward, AdamW.step, foreach=False)
-of budget_callback.gpt.GPT on the CPU in fp32, after one warm-up step that creates the optimizer
+of budget_callback.models.gpt.GPT on the CPU in fp32, after one warm-up step that creates the optimizer
 state and ``zero_grad(set_to_none=True)`` (Lightning's default). The live bytes are counted with
-budget_callback.tracing._LiveStorageTracker applied to real tensors: parameters, buffers, the
+budget_callback.lightning.tracing._LiveStorageTracker applied to real tensors: parameters, buffers, the
 batch and the optimizer state are registered, then every storage an op creates is added and
 removed when its memory is freed (weak reference to the storage; torch preserves the storage's
 Python object while the storage lives, so the callback fires exactly at the free). The peak is
 the most tensor bytes alive at once. As a check, the bytes alive after the step must equal
 params + grads + optimizer state + batch exactly.
 
-Forecasts for the same step: the analytic one, budget_callback.memory.peak_memory with
+Forecasts for the same step: the analytic one, budget_callback.forecast.memory.peak_memory with
 TrainSetup(precision="32-true", optimizer_impl="for-loop", flash_attention=True), and the traced
 one, tracing.trace_training_step_memory on a meta copy -> memory.peak_memory_from_trace.
 GPU rows (GPT-2 family, seq 1024, bf16-mixed, flash attention, AdamW foreach): forecast figures
@@ -33,11 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import anchors as A  # noqa: E402
 from common import log, mib, table, verdict, write_section  # noqa: E402
 
-from budget_callback.gpt import GPT  # noqa: E402
-from budget_callback.memory import TrainSetup, peak_memory, peak_memory_from_trace  # noqa: E402
-from budget_callback.params import module_params  # noqa: E402
-from budget_callback.shapes import ModelShape, preset  # noqa: E402
-from budget_callback.tracing import _LiveStorageTracker, _storage_bytes, trace_training_step_memory  # noqa: E402
+from budget_callback.models.gpt import GPT  # noqa: E402
+from budget_callback.forecast.memory import TrainSetup, peak_memory, peak_memory_from_trace  # noqa: E402
+from budget_callback.lightning.inputs import module_params  # noqa: E402
+from budget_callback.forecast.shapes import ModelShape, preset  # noqa: E402
+from budget_callback.lightning.tracing import _LiveStorageTracker, _storage_bytes, trace_training_step_memory  # noqa: E402
 
 warnings.filterwarnings("ignore")
 CMD = "`python benchmarks/peak_memory.py`"
@@ -158,9 +158,9 @@ def main() -> int:
     md = "\n".join([
         "## 2d. Peak memory: forecast vs measured",
         "",
-        "**How it was measured (CPU rows).** One real training step of `budget_callback.gpt.GPT` in fp32 on the CPU "
+        "**How it was measured (CPU rows).** One real training step of `budget_callback.models.gpt.GPT` in fp32 on the CPU "
         "(forward, cross-entropy, backward, `AdamW(foreach=False).step()`), after one warm-up step that created the "
-        "optimizer state and `zero_grad(set_to_none=True)`. `budget_callback.tracing._LiveStorageTracker` (a "
+        "optimizer state and `zero_grad(set_to_none=True)`. `budget_callback.lightning.tracing._LiveStorageTracker` (a "
         "`TorchDispatchMode`) runs on the real tensors: parameters, buffers, batch and optimizer state are registered, "
         "each storage an op creates is added and is removed when its memory is freed (weak reference to the storage; "
         "torch keeps a storage's Python object alive as long as the storage, so the release is exact). The figure is "

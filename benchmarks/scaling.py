@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import log, median, spread, table, timed_writer, tmp_dir, write_section  # noqa: E402
 
 from budget_callback.forecast import Budgets, PlanInputs, forecast  # noqa: E402
-from budget_callback.gpt import GPT  # noqa: E402
-from budget_callback.memory import TrainSetup  # noqa: E402
-from budget_callback.run_inputs import module_counts, state_dict_entries  # noqa: E402
-from budget_callback.shapes import preset  # noqa: E402
-from budget_callback.storage import SnapshotLayout  # noqa: E402
+from budget_callback.models.gpt import GPT  # noqa: E402
+from budget_callback.forecast.memory import TrainSetup  # noqa: E402
+from budget_callback.lightning.inputs import module_counts, state_dict_entries  # noqa: E402
+from budget_callback.forecast.shapes import preset  # noqa: E402
+from budget_callback.snapshots.format import SnapshotLayout  # noqa: E402
 
 CMD = "`python benchmarks/scaling.py`"
 SIZES = [(128, 64), (1_000, 256), (10_000, 64), (10_000, 768), (50_257, 768), (128_256, 1_024), (256_000, 1_024),
@@ -40,8 +40,8 @@ SIZES = [(128, 64), (1_000, 256), (10_000, 64), (10_000, 768), (50_257, 768), (1
 def writer_run(V: int, D: int, n: int) -> tuple[float, int]:
     layout = SnapshotLayout(V, D, "bfloat16")
     w = torch.empty(V, D, dtype=torch.bfloat16).normal_()
-    dt, stats = timed_writer(tmp_dir("scaling") / "w", layout, w, n)
-    return dt / n, stats.bytes_written // n
+    dt, written = timed_writer(tmp_dir("scaling") / "w", layout, w, n)
+    return dt / n, written // n
 
 
 def slope(xs, ys) -> float:

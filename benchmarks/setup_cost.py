@@ -33,11 +33,11 @@ def child(kind: str) -> None:
     import torch
 
     from budget_callback.forecast import Budgets, Measured, PlanInputs, SnapshotSpec, forecast
-    from budget_callback.gpt import GPT
-    from budget_callback.memory import TrainSetup, peak_memory_from_trace
-    from budget_callback.run_inputs import module_counts, state_dict_entries
-    from budget_callback.shapes import preset
-    from budget_callback.tracing import trace_training_step_memory
+    from budget_callback.models.gpt import GPT
+    from budget_callback.forecast.memory import TrainSetup, peak_memory_from_trace
+    from budget_callback.lightning.inputs import module_counts, state_dict_entries
+    from budget_callback.forecast.shapes import preset
+    from budget_callback.lightning.tracing import trace_training_step_memory
 
     rss_imports = rss_mib()
     name = "gpt2-xl" if kind == "analytic" else "gpt2"

@@ -9,7 +9,7 @@
     Target: writer MB/s >= 0.8 x raw.
 (c) Back-pressure: GPT with that head and a tiny body (1 layer, seq 16, SGD: cheap to train),
     with and without the callback, alternating; the writer cannot keep up, the queue fills and
-    training waits (cb._writer.stats.backpressure_seconds).
+    training waits (the writer's backpressure_seconds).
 
     python benchmarks/streaming.py            # ~4 min here
     python benchmarks/streaming.py --quick    # fewer runs, a smoke test
@@ -37,9 +37,9 @@ from corpus import TokenWindows, load_corpus  # noqa: E402
 from train_tiny_gpt import TinyGPT  # noqa: E402
 
 from budget_callback import BudgetCallback  # noqa: E402
-from budget_callback.gpt import GPT  # noqa: E402
-from budget_callback.shapes import ModelShape  # noqa: E402
-from budget_callback.storage import SnapshotLayout  # noqa: E402
+from budget_callback.models.gpt import GPT  # noqa: E402
+from budget_callback.forecast.shapes import ModelShape  # noqa: E402
+from budget_callback.snapshots.format import SnapshotLayout  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -68,19 +68,19 @@ def fit(module, loader, steps: int, callback: BudgetCallback | None) -> StepTime
 
 
 def budget(directory: Path, **kwargs) -> BudgetCallback:
-    """The callback as a user would add it; its ``_snapshot`` (copy of W + submit) is timed on the side."""
+    """The callback as a user would add it; its batch-end hook (copy of W + submit + bookkeeping) is timed."""
     shutil.rmtree(directory, ignore_errors=True)
     cb = BudgetCallback(snapshot_dir=directory, save_every_n_steps=1, snapshot_dtype="bfloat16", overwrite=True,
                         verbose=False, **kwargs)
     cb.hook_seconds = []
-    snapshot = cb._snapshot
+    hook = cb.on_train_batch_end
 
-    def timed(*args) -> None:  # (trainer, step)
+    def timed(*args) -> None:
         t = time.perf_counter()
-        snapshot(*args)
+        hook(*args)
         cb.hook_seconds.append(time.perf_counter() - t)
 
-    cb._snapshot = timed
+    cb.on_train_batch_end = timed
     return cb
 
 
@@ -97,9 +97,9 @@ def tiny_overhead(pairs: int, steps: int, warmup: int) -> dict:
             times = fit(TinyGPT(64), loader, steps, cb).step_times(warmup)
             (with_med if with_cb else without_med).append(median(times))
             if cb:
-                bp.append(cb._writer.stats.backpressure_seconds)
+                bp.append(cb._fit.writer.stats.backpressure_seconds)
                 hook.append(median(cb.hook_seconds))
-                assert cb._writer.stats.snapshots_written == steps, cb._writer.stats
+                assert cb.series.snapshots_on_disk == steps, cb.summary()
         ratios.append(with_med[-1] / without_med[-1])
         log(f"tiny pair {i + 1}/{pairs}: with {with_med[-1] * 1e3:.2f} ms, without {without_med[-1] * 1e3:.2f} ms, "
             f"ratio {ratios[-1]:.4f}")
@@ -117,8 +117,8 @@ def writer_vs_raw(reps: int, n: int, V: int = 50_257, D: int = 768) -> dict:
     writer_mbs, raw_mbs, ratios = [], [], []
 
     def run_writer() -> float:
-        dt, stats = timed_writer(root / "writer", layout, w, n)
-        assert stats.bytes_written == sum(sizes), (stats.bytes_written, sum(sizes))
+        dt, written = timed_writer(root / "writer", layout, w, n)
+        assert written == sum(sizes), (written, sum(sizes))
         return sum(sizes) / dt / 1e6
 
     def run_raw() -> float:
@@ -177,13 +177,13 @@ def backpressure(pairs: int, steps: int, warmup: int) -> dict:
             times = timer.step_times(warmup)
             out["with" if with_cb else "without"].append(median(times))
             if cb:
-                st = cb._writer.stats
+                st = cb._fit.writer.stats
                 # writer throughput while training: bytes over the time from the first step to the final flush
                 elapsed = time.perf_counter() - timer.marks[0]
                 out["bp"].append(st.backpressure_seconds)
                 out["bp_per_step"].append(st.backpressure_seconds / steps)
-                out["mbs"].append(st.bytes_written / elapsed / 1e6)
-                out["written"].append(st.snapshots_written)
+                out["mbs"].append(cb.bytes_written / elapsed / 1e6)
+                out["written"].append(cb.series.snapshots_on_disk)
                 out["hook"].append(median(cb.hook_seconds))
                 shutil.rmtree(directory, ignore_errors=True)
         out["ratios"].append(out["with"][-1] / out["without"][-1])
@@ -219,11 +219,11 @@ def disk_bound(pairs: int, steps: int, warmup: int) -> dict:
             timer = fit(SparseHead(), loader, steps, cb)
             out["with" if with_cb else "without"].append(median(timer.step_times(warmup)))
             if cb:
-                st = cb._writer.stats
+                st = cb._fit.writer.stats
                 elapsed = time.perf_counter() - timer.marks[0]
                 out["bp"].append(st.backpressure_seconds)
                 out["bp_per_step"].append(st.backpressure_seconds / steps)
-                out["mbs"].append(st.bytes_written / elapsed / 1e6)
+                out["mbs"].append(cb.bytes_written / elapsed / 1e6)
                 out["hook"].append(median(cb.hook_seconds))
                 shutil.rmtree(directory, ignore_errors=True)
         out["ratios"].append(out["with"][-1] / out["without"][-1])
@@ -267,7 +267,7 @@ def main(argv=None) -> int:
          f"{wide_pairs} alternating pairs x {wide_steps} steps, queue_depth 4",
          f"{rc:.2f}x; with {median(c['with']) * 1e3:.0f} ms, without {median(c['without']) * 1e3:.0f} ms",
          spread(c["ratios"], "{:.2f}"), "none (reported)", "n/a", cmd],
-        ["  same runs: back-pressure (cb._writer.stats.backpressure_seconds) per run / per step",
+        ["  same runs: back-pressure (the writer's backpressure_seconds) per run / per step",
          f"{median(c['bp']):.2f} s / {median(c['bp_per_step']) * 1e3:.0f} ms per step",
          spread(c["bp"], "{:.2f}") + " s", "reported", "n/a", cmd],
         ["  same runs: time in the callback's snapshot hook per step (bf16 copy of W + submit, training thread)",

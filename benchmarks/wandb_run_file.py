@@ -3,7 +3,7 @@
 A real Trainer run (TinyGPT-like ShapeLM logging train/loss, BudgetCallback attached) with
 WandbLogger(offline=True) under WANDB_MODE=offline; after wandb.finish() the size of the
 offline run directory's run-*.wandb is compared with the forecast
-(cb.forecast.wandb["run_file_bytes"], i.e. budget_callback.wandb_usage.wandb_usage). Target: 20%.
+(cb.forecast.wandb["run_file_bytes"], i.e. budget_callback.forecast.wandb_usage.wandb_usage). Target: 20%.
 
     python benchmarks/wandb_run_file.py      # ~2 min here
 """
@@ -26,7 +26,7 @@ from common import log, median, spread, table, tmp_dir, verdict, write_section  
 from models import ShapeLM, token_loader, trainer  # noqa: E402
 
 from budget_callback import BudgetCallback  # noqa: E402
-from budget_callback.shapes import ModelShape  # noqa: E402
+from budget_callback.forecast.shapes import ModelShape  # noqa: E402
 
 warnings.filterwarnings("ignore")
 LAST_METRICS: dict = {}
@@ -72,7 +72,7 @@ def main() -> int:
     misses = [r for r in rows if "MISS" in r[6]]
     import statistics
 
-    from budget_callback import wandb_usage as WU
+    from budget_callback.forecast import wandb_usage as WU
 
     line = statistics.linear_regression(fit_x, fit_y)
     scalars = 2 + WU.CALLBACK_METRICS  # train/loss, epoch and the callback's own budget/* scalars

@@ -7,3 +7,7 @@ class BudgetExceededError(RuntimeError):
 
 class SnapshotWriteError(RuntimeError):
     """The background snapshot writer failed; raised in the training process at the next step."""
+
+
+class SnapshotDirInUseError(RuntimeError):
+    """Another fit holds the lock on ``snapshot_dir``; the message names the holder."""

@@ -8,6 +8,7 @@ of 1024); a bare number or ``B`` is bytes.
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 _UNITS = {
     "": 1,
@@ -24,11 +25,19 @@ _UNITS = {
     "pib": 1024**5,
 }
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*$")
+MAX_SIZE_BYTES = 2**63 - 1  # the largest size a file system or JSON consumer can hold as an int64
 ACCEPTED = "an int of bytes or a string such as '500MB', '12GB' (powers of 1000) or '12GiB' (powers of 1024)"
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def parse_size(value: int | str, argument: str = "size") -> int:
     """Return ``value`` as an int of bytes; raise ``ValueError`` naming ``argument``.
+
+    Parsed exactly (no float rounding, no overflow); at most ``MAX_SIZE_BYTES``.
 
     >>> parse_size("1.5KiB")
     1536
@@ -36,22 +45,23 @@ def parse_size(value: int | str, argument: str = "size") -> int:
     12000000000
     """
     if isinstance(value, bool):
-        raise ValueError(f"`{argument}` must be {ACCEPTED}, got {value!r}")
-    if isinstance(value, int):
-        if value <= 0:
-            raise ValueError(f"`{argument}` must be a positive number of bytes, got {value}")
-        return value
+        raise ValueError(f"`{argument}` must be {ACCEPTED}, got {_shown(value)}")
     if isinstance(value, float) and value.is_integer():
-        return parse_size(int(value), argument)
-    if not isinstance(value, str):
-        raise ValueError(f"`{argument}` must be {ACCEPTED}, got {value!r}")
-    match = _SIZE_RE.match(value)
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNITS:
-        raise ValueError(f"`{argument}` must be {ACCEPTED}, got {value!r}")
-    size = int(float(match.group(1)) * _UNITS[unit])
+        value = int(value)
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _UNITS:
+            raise ValueError(f"`{argument}` must be {ACCEPTED}, got {_shown(value)}")
+        size = int(Fraction(match.group(1)) * _UNITS[unit])
+    else:
+        raise ValueError(f"`{argument}` must be {ACCEPTED}, got {_shown(value)}")
     if size <= 0:
-        raise ValueError(f"`{argument}` must be a positive size, got {value!r}")
+        raise ValueError(f"`{argument}` must be a positive size, got {_shown(value)}")
+    if size > MAX_SIZE_BYTES:
+        raise ValueError(f"`{argument}` must be at most {MAX_SIZE_BYTES:,} bytes (8 EiB), got {_shown(value)}")
     return size
 
 

@@ -21,3 +21,10 @@ def one_of(argument: str, value, choices: Iterable):
     if value not in choices:
         raise ValueError(f"`{argument}` must be one of {', '.join(map(str, choices))}, got {value!r}")
     return value
+
+
+def boolean(argument: str, value):
+    """``value`` if it is a bool; else ``ValueError`` (``"False"`` or ``0`` would silently mean something else)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"`{argument}` must be True or False (a bool), got {value!r}")
+    return value

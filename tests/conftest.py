@@ -1,6 +1,9 @@
-"""Shared test set-up: W&B never reaches the network from a test."""
+"""Shared test set-up: W&B never reaches the network from a test; tests/ is importable (helpers)."""
 
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import subprocess
+from pathlib import Path
+
 import lightning as L
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from budget_callback.gpt import GPT
-from budget_callback.shapes import ModelShape
+from budget_callback.models.gpt import GPT
+from budget_callback.forecast.shapes import ModelShape
 
 TINY = ModelShape(vocab_size=50, d_model=8, n_layer=1, n_head=2, n_ctx=8, name="test-tiny")
 
@@ -66,3 +72,134 @@ def trainer(tmp_path, callbacks, max_steps: int = 6, **kwargs) -> L.Trainer:
                    log_every_n_steps=1)
     options.update(kwargs)
     return L.Trainer(callbacks=callbacks, **options)
+
+
+def write_series(directory, layout, steps, every: int = 1, stride: int = 1, fill=None, run_id: str = "test-run",
+                 queue_depth: int = 4, when_behind: str = "wait"):
+    """A real series written by the real writer: batch ends at ``steps``, snapshots where the schedule says.
+
+    ``fill(step, name)`` gives each matrix (default: ``step`` everywhere). Returns (series, writer)."""
+    from budget_callback.snapshots.schedule import Schedule
+    from budget_callback.snapshots.series import Series
+    from budget_callback.snapshots.writer import SnapshotWriter
+
+    fill = fill or (lambda step, name: torch.full((layout.vocab_size, layout.hidden_dim), float(step)))
+    dtype = getattr(torch, layout.dtype)
+    series = Series(directory, layout, run_id, Schedule.start(layout, every, stride))
+    series.directory.mkdir(parents=True, exist_ok=True)
+    series.write_manifest()
+    writer = SnapshotWriter(series, queue_depth, when_behind)
+    writer.start()
+    for step in steps:
+        placement = series.place(step)
+        if placement is not None:
+            writer.submit(placement, {n: fill(step, n).to(dtype) for n in layout.names})
+    writer.close()
+    return series, writer
+
+
+class LlamaBlock(nn.Module):
+    """RMSNorm, grouped-query attention (4 query heads, 2 KV heads), SwiGLU: no ModelShape (traced forecast)."""
+
+    def __init__(self, d: int = 16, heads: int = 4, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.hd = heads, kv_heads, d // heads
+        self.attention_norm, self.ffn_norm = nn.RMSNorm(d), nn.RMSNorm(d)
+        self.wq = nn.Linear(d, d, bias=False)
+        self.wkv = nn.Linear(d, 2 * kv_heads * self.hd, bias=False)
+        self.wo = nn.Linear(d, d, bias=False)
+        self.w13 = nn.Linear(d, 2 * 3 * d, bias=False)
+        self.w2 = nn.Linear(3 * d, d, bias=False)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        h = self.attention_norm(x)
+        q = self.wq(h).view(B, T, self.heads, self.hd).transpose(1, 2)
+        k, v = self.wkv(h).view(B, T, 2, self.kv_heads, self.hd).permute(2, 0, 3, 1, 4)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        x = x + self.wo(y.transpose(1, 2).reshape(B, T, D))
+        gate, up = self.w13(self.ffn_norm(x)).chunk(2, dim=-1)
+        return x + self.w2(nn.functional.silu(gate) * up)
+
+
+class LlamaLM(L.LightningModule):
+    """A Llama-style model (Meta's names: tok_embeddings, output) with an untied head; AdamW from torch."""
+
+    def __init__(self, vocab: int = 64, d: int = 16, layers: int = 2, head: str = "output") -> None:
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(LlamaBlock(d) for _ in range(layers))
+        self.norm = nn.RMSNorm(d)
+        setattr(self, head, nn.Linear(d, vocab, bias=False))
+        self.head_name = head
+
+    def forward(self, x):
+        h = self.tok_embeddings(x)
+        for layer in self.layers:
+            h = layer(h)
+        return getattr(self, self.head_name)(self.norm(h))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+class TwoOptimizerLM(TinyLM):
+    """Manual optimization with two optimizers (body, head): global_step advances by 2 per batch."""
+
+    def __init__(self, shape: ModelShape = None, **kwargs) -> None:
+        super().__init__(shape or ModelShape(vocab_size=50, d_model=8, n_layer=1, n_head=2, n_ctx=8, tied=False),
+                         **kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        body_opt, head_opt = self.optimizers()
+        for opt in (body_opt, head_opt):
+            opt.zero_grad()
+            loss = self.model(x, y)[1]
+            self.manual_backward(loss)
+            opt.step()
+        self.log("train/loss", loss)
+
+    def configure_optimizers(self):
+        head = [self.model.lm_head.weight]
+        body = [p for p in self.parameters() if p is not self.model.lm_head.weight]
+        return torch.optim.AdamW(body, lr=1e-2), torch.optim.SGD(head, lr=0.1)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str, options: str = ""):
+    """A real small file system (root mounts a tmpfs); skips with the reason where that is refused."""
+    path.mkdir(parents=True, exist_ok=True)
+    opts = f"size={size}" + (f",{options}" if options else "")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or 'mount refused'}); "
+                    "the portable ENOSPC tests cover the error path")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+class Filler(L.Callback):
+    """Another process's data landing on the same disk at a given step."""
+
+    def __init__(self, path: Path, at_step: int, nbytes: int):
+        self.path, self.at_step, self.nbytes, self.done = path, at_step, nbytes, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.at_step and not self.done:
+            self.done = True
+            with open(self.path, "wb") as fh:
+                try:
+                    fh.write(b"\0" * self.nbytes)
+                except OSError as err:
+                    assert err.errno == errno.ENOSPC

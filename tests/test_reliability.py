@@ -1,7 +1,6 @@
 """Faults produced for real: a full tmpfs, SIGKILL mid-write, a crash then resume, a slow or dead writer,
 two DDP processes, a read-only directory. Each test states what it checks."""
 
-import contextlib
 import errno
 import os
 import signal
@@ -17,41 +16,11 @@ from lightning.pytorch.loggers import CSVLogger
 
 from budget_callback import BudgetCallback, SnapshotReader
 from budget_callback.errors import SnapshotWriteError
-from budget_callback.shapes import ModelShape
-from helpers import TinyLM, token_loader, trainer
+from budget_callback.forecast.shapes import ModelShape
+from helpers import Filler, TinyLM, tmpfs, token_loader, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDE = ModelShape(vocab_size=5000, d_model=64, n_layer=1, n_head=2, n_ctx=8, name="wide")  # 640 kB per bf16 W
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str, options: str = ""):
-    path.mkdir(parents=True, exist_ok=True)
-    opts = f"size={size}" + (f",{options}" if options else "")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or 'mount refused'}); "
-                    "the portable ENOSPC tests cover the error path")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
-class Filler(Callback):
-    """Another process's data landing on the same disk at a given step."""
-
-    def __init__(self, path: Path, at_step: int, nbytes: int):
-        self.path, self.at_step, self.nbytes, self.done = path, at_step, nbytes, False
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step >= self.at_step and not self.done:
-            self.done = True
-            with open(self.path, "wb") as fh:
-                try:
-                    fh.write(b"\0" * self.nbytes)
-                except OSError as err:
-                    assert err.errno == errno.ENOSPC
 
 
 def _no_partials(directory: Path) -> list[str]:
@@ -80,6 +49,11 @@ def test_disk_fills_mid_run_guard_raises_interval_on_real_tmpfs(tmp_path, record
         assert cb.bytes_written == sum(os.path.getsize(disk / "snaps" / n) for n in os.listdir(disk / "snaps")
                                        if n.endswith(".safetensors"))
         assert len(reader) >= 2
+        # the snapshot due at the step the interval was raised was taken: nothing skipped, nothing lost
+        assert cb.series.lost == 0 and cb.bytes_written == cb.projected_bytes
+        k1, r, k2 = cb.forecast.save_every_n_steps, raised[0]["step"], raised[0]["every"]
+        expected = list(range(k1, r + 1, k1)) + ([s for s in range(r + 1, 31) if s % k2 == 0] if k2 else [])
+        assert reader.steps == expected
         record(setup_interval=cb.forecast.save_every_n_steps, events=[e["event"] + f"@{e['step']}" for e in cb.events],
                final_interval=cb.save_every_n_steps, readable=len(reader), partial=0, reached=t.global_step,
                bytes_written=cb.bytes_written, tmpfs_bytes=8 * 2**20)
@@ -93,14 +67,14 @@ def test_enospc_on_real_tmpfs_leaves_no_partial_file(tmp_path, record):
         with pytest.warns(UserWarning):
             t.fit(TinyLM(WIDE), token_loader(vocab=5000, n=400))
         assert t.global_step == 12
-        stats = cb._writer.stats
-        assert stats.failed >= 1 and any(e["event"] == "disk_full" for e in stats.events)
+        series = cb.series
+        assert series.lost >= 1 and any(e["event"] == "disk_full" for e in series.events)
         reader = _all_load(disk / "snaps")
         assert _no_partials(disk / "snaps") == []
-        assert len(reader) + stats.failed == 12 // cb.save_every_n_steps
-        assert "lost to a full disk" in cb.summary()
-        first = next(e for e in stats.events if e["event"] == "disk_full")
-        record(first_enospc_step=first["step"], snapshots_due=12 // cb.save_every_n_steps, failed=stats.failed,
+        assert len(reader) + series.lost == 12 // cb.save_every_n_steps
+        assert f"lost to a full disk {series.lost}" in cb.summary()
+        first = next(e for e in series.events if e["event"] == "disk_full")
+        record(first_enospc_step=first["step"], snapshots_due=12 // cb.save_every_n_steps, failed=series.lost,
                readable=len(reader), partial=0, reached=t.global_step)
 
 
@@ -119,7 +93,7 @@ def test_abort_policy_stops_cleanly_through_the_trainer(tmp_path, record):
 
 def test_injected_enospc_portable(tmp_path, monkeypatch, record):
     """The same error path without a tmpfs: the write of step 4 raises ENOSPC."""
-    import budget_callback.writer as writer_module
+    import budget_callback.snapshots.writer as writer_module
 
     real = writer_module.save_file
 
@@ -136,7 +110,7 @@ def test_injected_enospc_portable(tmp_path, monkeypatch, record):
     assert t.global_step == 8
     assert SnapshotReader(tmp_path / "s").steps == [1, 2, 3, 5, 6, 7, 8]
     assert _no_partials(tmp_path / "s") == []
-    assert cb._writer.stats.failed == 1
+    assert cb.series.lost == 1 and cb.bytes_written < cb.projected_bytes
     record(enospc_step=4, readable=len(SnapshotReader(tmp_path / "s")), partial=0, reached=t.global_step)
 
 
@@ -145,7 +119,7 @@ def _stall_first_write(monkeypatch, until):
     queue), then writes normally. Event-driven: no sleep decides the outcome; 60 s is only a safety bound."""
     import threading
 
-    import budget_callback.writer as writer_module
+    import budget_callback.snapshots.writer as writer_module
 
     real, first = writer_module.save_file, threading.Event()
 
@@ -162,13 +136,14 @@ def _stall_first_write(monkeypatch, until):
 
 def test_slow_writer_waits_and_reports_backpressure(tmp_path, monkeypatch, record):
     cb = BudgetCallback(tmp_path / "s", queue_depth=1)
-    _stall_first_write(monkeypatch, lambda: cb._writer.stats.waits >= 1)
+    _stall_first_write(monkeypatch, lambda: cb._fit.writer.stats.waits >= 1)
     logger = CSVLogger(tmp_path, name="csv")
     trainer(tmp_path, [cb], max_steps=10, logger=logger, log_every_n_steps=5).fit(TinyLM(), token_loader(n=100))
-    stats = cb._writer.stats
+    stats = cb._fit.writer.stats
     assert stats.waits >= 1 and stats.backpressure_seconds > 0
     assert SnapshotReader(tmp_path / "s").steps == list(range(1, 11))  # waited: nothing lost
-    assert cb._writer._queue.maxsize == 1  # RAM bounded by the queue
+    assert cb.bytes_written == cb.projected_bytes
+    assert cb._fit.writer._queue.maxsize == 1  # RAM bounded by the queue
     text = open(os.path.join(logger.log_dir, "metrics.csv")).read()
     assert "budget/writer_backpressure_seconds" in text
     record(backpressure_seconds=round(stats.backpressure_seconds, 3), waits=stats.waits, written=10, lost=0,
@@ -177,17 +152,17 @@ def test_slow_writer_waits_and_reports_backpressure(tmp_path, monkeypatch, recor
 
 def test_slow_writer_drops_and_counts(tmp_path, monkeypatch, record):
     cb = BudgetCallback(tmp_path / "s", queue_depth=1, when_behind="drop")
-    _stall_first_write(monkeypatch, lambda: cb._writer.stats.dropped >= 1)
+    _stall_first_write(monkeypatch, lambda: cb._fit.series.dropped >= 1)
     trainer(tmp_path, [cb], max_steps=10).fit(TinyLM(), token_loader(n=100))
-    stats = cb._writer.stats
-    assert stats.dropped >= 1
-    assert len(SnapshotReader(tmp_path / "s")) + stats.dropped == 10
-    assert "dropped" in cb.summary() and any(e["event"] == "dropped" for e in stats.events)
-    record(dropped=stats.dropped, written=len(SnapshotReader(tmp_path / "s")), due=10)
+    series = cb.series
+    assert series.dropped >= 1
+    assert len(SnapshotReader(tmp_path / "s")) + series.dropped == 10
+    assert f"dropped {series.dropped}" in cb.summary() and any(e["event"] == "dropped" for e in series.events)
+    record(dropped=series.dropped, written=len(SnapshotReader(tmp_path / "s")), due=10)
 
 
 def test_dead_writer_surfaces_at_the_next_step(tmp_path, monkeypatch, record):
-    import budget_callback.writer as writer_module
+    import budget_callback.snapshots.writer as writer_module
 
     def broken(*a, **k):
         raise RuntimeError("controller on fire")
@@ -216,10 +191,10 @@ def test_read_only_snapshot_dir(tmp_path):
 KILL_SCRIPT = textwrap.dedent("""
     import sys, time, os
     sys.path.insert(0, {tests!r})
-    import budget_callback.writer as w
+    import budget_callback.snapshots.writer as w
     from budget_callback import BudgetCallback
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from helpers import TinyLM, token_loader, trainer
+    from helpers import Filler, TinyLM, tmpfs, token_loader, trainer
     real = w.save_file
     def slow(tensors, path, metadata=None):
         if metadata["first_step"] == "6":
@@ -261,64 +236,3 @@ def test_sigkill_mid_write_then_resume(tmp_path, record):
     assert any(e["event"] == "cleaned_temporaries" for e in cb.events)
     record(killed_during_step=6, temporaries_left=len(temporaries), readable_after_kill=len(reader),
            resumed_from=4, steps_after_resume=SnapshotReader(snaps).steps)
-
-
-DDP_SCRIPT = textwrap.dedent("""
-    import sys, json, os
-    sys.path.insert(0, {tests!r})
-    import lightning as L
-    from budget_callback import BudgetCallback, BudgetExceededError
-    from helpers import TinyLM, token_loader
-    cb = BudgetCallback({snaps!r}, disk_budget={budget!r}, on_exceed={policy!r})
-    t = L.Trainer(max_steps=6, accelerator="cpu", devices=2, strategy="ddp", logger=False, callbacks=[cb],
-                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                  default_root_dir={root!r})
-    try:
-        t.fit(TinyLM(), token_loader(n=64))
-        outcome = "ok"
-    except BudgetExceededError:
-        outcome = "aborted"
-    with open(os.path.join({root!r}, f"rank{{t.global_rank}}.json"), "w") as fh:
-        json.dump({{"outcome": outcome, "every": cb.save_every_n_steps}}, fh)
-""")
-
-
-def _ddp(tmp_path, budget, policy):
-    import json
-
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(ROOT / "tests"), snaps=str(tmp_path / "s"), budget=budget,
-                                        policy=policy, root=str(tmp_path)))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)
-               if (tmp_path / f"rank{r}.json").exists()]
-    return proc, results
-
-
-def test_ddp_two_processes_write_one_series(tmp_path, record):
-    proc, results = _ddp(tmp_path, None, "downsample")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [r["outcome"] for r in results] == ["ok", "ok"]
-    assert SnapshotReader(tmp_path / "s").steps == [1, 2, 3, 4, 5, 6]
-    assert len([n for n in os.listdir(tmp_path / "s") if n.endswith(".safetensors")]) == 6
-    record(ranks=2, files=6, steps=6)
-
-
-def test_ddp_budget_failure_stops_every_rank(tmp_path, record):
-    proc, results = _ddp(tmp_path, 100, "abort")  # exits well inside the timeout: no rank hangs
-    assert [r["outcome"] for r in results] == ["aborted", "aborted"], proc.stderr[-3000:]
-    assert not (tmp_path / "s").exists() or not any(n.endswith(".safetensors") for n in os.listdir(tmp_path / "s"))
-    record(outcomes=[r["outcome"] for r in results], files=0)
-
-
-def test_ddp_downsample_decision_reaches_every_rank(tmp_path, record):
-    from budget_callback.storage import SnapshotLayout
-
-    budget = SnapshotLayout(50, 8, "bfloat16").series_bytes(6, 2)
-    proc, results = _ddp(tmp_path, budget, "downsample")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [r["every"] for r in results] == [2, 2]
-    assert SnapshotReader(tmp_path / "s").steps == [2, 4, 6]
-    record(intervals=[r["every"] for r in results], steps=[2, 4, 6])

@@ -1,0 +1,164 @@
+"""``budget-callback plan``: the forecast before any code runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..forecast.budgets import POLICIES
+from ..forecast.engine import DEFAULT_MFU, Budgets, PlanInputs, SnapshotSpec, forecast
+from ..forecast.gpus import GPUS
+from ..forecast.memory import TrainSetup
+from ..forecast.precision import OPTIMIZER_IMPLS, OPTIMIZERS, PRECISIONS, STRATEGIES
+from ..forecast.report import render
+from ..forecast.shapes import MLPS, NORMS, PRESETS, ModelShape, preset
+from ..forecast.wandb_usage import LOG_MODEL_CHOICES, LoggingSpec
+from ..snapshots.format import SNAPSHOT_DTYPES
+from ..units import parse_size
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(int(text) if text.isdigit() else text, "size")
+    except ValueError as err:
+        why = "too large" if "at most" in str(err) else "must be a size such as 500MB, 12GB (powers of 1000) or " \
+                                                        "12GiB (powers of 1024)"
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        raise argparse.ArgumentTypeError(f"{why}, got {shown!r}") from None
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="budget-callback", description="Forecast and guard the budgets of a Lightning run.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("plan", help="forecast memory, FLOPs, time, disk and W&B usage of a run")
+    model = p.add_argument_group("model")
+    model.add_argument("--preset", choices=list(PRESETS), metavar="NAME", help="one of: " + ", ".join(PRESETS))
+    for flag in ("--vocab-size", "--d-model", "--n-layer", "--n-head", "--n-kv-head", "--head-dim", "--d-mlp", "--n-ctx"):
+        model.add_argument(flag, type=_positive)
+    model.add_argument("--norm", choices=NORMS)
+    model.add_argument("--mlp", choices=MLPS)
+    model.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None, help="biases in linears")
+    model.add_argument("--tied", action=argparse.BooleanOptionalAction, default=None, help="head tied to the embedding")
+    model.add_argument("--learned-pos", action=argparse.BooleanOptionalAction, default=None,
+                       help="learned position embedding (--no-learned-pos: rotary)")
+    run = p.add_argument_group("run")
+    run.add_argument("--batch-size", type=_positive, default=1, help="micro-batch per device")
+    run.add_argument("--grad-accum", type=_positive, default=1)
+    run.add_argument("--seq-len", type=_positive, help="default: the model's context length")
+    run.add_argument("--steps", type=_positive, default=1000, help="optimizer steps")
+    run.add_argument("--devices", type=_positive, default=1)
+    run.add_argument("--num-nodes", type=_positive, default=1)
+    run.add_argument("--precision", choices=list(PRECISIONS), default="bf16-mixed")
+    run.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    run.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (0: no momentum buffer)")
+    run.add_argument("--optimizer-impl", choices=OPTIMIZER_IMPLS, default="foreach")
+    run.add_argument("--strategy", choices=STRATEGIES, default="ddp")
+    run.add_argument("--flash-attention", action=argparse.BooleanOptionalAction, default=True)
+    run.add_argument("--activation-checkpointing", action="store_true")
+    run.add_argument("--gpu", choices=list(GPUS), metavar="NAME", help="one of: " + ", ".join(GPUS))
+    run.add_argument("--mfu", type=_fraction, default=DEFAULT_MFU, help=f"assumed utilisation (default {DEFAULT_MFU})")
+    snap = p.add_argument_group("snapshots")
+    snap.add_argument("--save-every", type=_positive, default=1)
+    snap.add_argument("--snapshot-dtype", choices=list(SNAPSHOT_DTYPES), default="bfloat16")
+    snap.add_argument("--snapshots-per-file", type=_positive, default=1)
+    snap.add_argument("--include-embedding", action="store_true")
+    log = p.add_argument_group("logging and checkpoints")
+    log.add_argument("--log-every-n-steps", type=_positive, default=50)
+    log.add_argument("--train-metrics", type=_positive, default=1, help="scalars per train log row")
+    log.add_argument("--eval-every", type=_positive)
+    log.add_argument("--eval-metrics", type=_positive, default=1)
+    log.add_argument("--checkpoint-every", type=_positive)
+    log.add_argument("--keep-checkpoints", type=_positive, default=1)
+    log.add_argument("--log-model", choices=LOG_MODEL_CHOICES, default="none")
+    bud = p.add_argument_group("budgets")
+    bud.add_argument("--disk-budget", type=_size)
+    bud.add_argument("--memory-budget", type=_size, help="per device; default: the --gpu's memory")
+    bud.add_argument("--wandb-budget", type=_size)
+    bud.add_argument("--on-exceed", choices=POLICIES, default="downsample")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--check", action="store_true", help="exit 1 when the decision is abort")
+    return parser
+
+
+def _shape(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ModelShape:
+    overrides = {k: getattr(args, k) for k in ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "head_dim",
+                                               "d_mlp", "n_ctx", "norm", "mlp", "bias", "tied", "learned_pos")}
+    if args.preset:
+        return preset(args.preset, **overrides)
+    missing = [f"--{k.replace('_', '-')}" for k in ("vocab_size", "d_model", "n_layer", "n_head") if overrides[k] is None]
+    if missing:
+        parser.error(f"give --preset NAME or all of --vocab-size --d-model --n-layer --n-head (missing {' '.join(missing)})")
+    if overrides["n_ctx"] is None and args.seq_len:
+        overrides["n_ctx"] = args.seq_len
+    if overrides["norm"] == "rmsnorm":
+        overrides.setdefault("norm_bias", False)
+    return ModelShape(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        shape = _shape(args, parser)
+        inputs = PlanInputs(
+            shape=shape,
+            setup=TrainSetup(args.batch_size, args.seq_len, args.grad_accum, args.devices, args.num_nodes, args.precision,
+                             args.optimizer, args.momentum, args.optimizer_impl, args.strategy, args.flash_attention,
+                             args.activation_checkpointing),
+            steps=args.steps,
+            snapshot=SnapshotSpec(args.save_every, args.snapshot_dtype, args.snapshots_per_file, args.include_embedding),
+            logging=LoggingSpec(args.log_every_n_steps, args.train_metrics, args.eval_every, args.eval_metrics,
+                                checkpoint_every_n_steps=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+                                log_model=args.log_model),
+            budgets=Budgets(args.disk_budget, args.memory_budget, args.wandb_budget, args.on_exceed),
+            gpu=args.gpu,
+            mfu=args.mfu,
+        )
+    except ValueError as err:
+        parser.exit(2, f"budget-callback plan: error: {_flag_message(err)}\n")
+    result = forecast(inputs)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(render(result))
+    return 1 if args.check and result.decision == "abort" else 0
+
+
+def _flag_message(err: ValueError) -> str:
+    """Turn ``\\`n_head\\``` into ``--n-head`` so the message names the flag the user typed."""
+    text = str(err)
+    for name in ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "head_dim", "d_mlp", "n_ctx", "seq_len",
+                 "save_every_n_steps", "snapshots_per_file", "steps"):
+        flag = {"save_every_n_steps": "save_every"}.get(name, name)
+        text = text.replace(f"`{name}`", f"--{flag.replace('_', '-')}")
+    return text
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""Training memory per device, counted from the tensors alive at the peak.
+
+Two moments compete for the peak of a training step (Lightning zeroes grads
+with ``set_to_none=True`` before each accumulation window):
+
+* ``forward_backward``: the start of backward. Parameters, optimizer state,
+  every saved activation of every layer, the logits and their gradients
+  (``cross_entropy`` = log_softmax + nll: three ``B*T*V`` fp32 tensors are
+  alive in its backward), and the 16-bit weight copies autocast keeps for
+  backward. Gradients exist here only when accumulating (micro-batch 2+).
+* ``optimizer_step``: parameters, full gradients, optimizer state, and the
+  optimizer's temporaries (foreach AdamW materialises ``sqrt(v)`` for all
+  parameters at once; fused has none; the for-loop one param at a time).
+
+Each phase is an itemised dict whose parts sum to its ``total``; the peak is
+the larger phase. Activation bytes per layer follow Korthikanti et al. 2022
+("Reducing Activation Recomputation in Large Transformer Models"), but are
+counted for this layout (pre-norm, fp32 residual under autocast, flash SDPA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..validate import one_of, positive_int
+from .params import count_params, layer_params, matmul_params
+from .precision import OPTIMIZER_IMPLS, STRATEGIES, Precision, optimizer_states_per_param, precision
+from .shapes import ModelShape
+
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    """How the model is trained (everything the memory and FLOPs forecasts need beyond the shape)."""
+
+    micro_batch_size: int = 1  # per device
+    seq_len: int | None = None  # None: the shape's n_ctx
+    grad_accum: int = 1
+    devices: int = 1  # per node
+    num_nodes: int = 1
+    precision: str = "32-true"
+    optimizer: str = "adamw"
+    momentum: float = 0.0  # SGD only
+    optimizer_impl: str = "foreach"  # "foreach" (torch's CUDA default) | "fused" | "for-loop"
+    strategy: str = "ddp"
+    flash_attention: bool = True
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        for field in ("micro_batch_size", "grad_accum", "devices", "num_nodes"):
+            positive_int(field, getattr(self, field))
+        positive_int("seq_len", self.seq_len, optional=True)
+        precision(self.precision)
+        optimizer_states_per_param(self.optimizer, self.momentum)
+        one_of("optimizer_impl", self.optimizer_impl, OPTIMIZER_IMPLS)
+        one_of("strategy", self.strategy, STRATEGIES)
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
+
+    @property
+    def prec(self) -> Precision:
+        return precision(self.precision)
+
+    def seq(self, shape: ModelShape) -> int:
+        return self.seq_len or shape.n_ctx
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def layer_activation_bytes(shape: ModelShape, batch: int, seq: int, prec: Precision, flash: bool = True) -> dict[str, int]:
+    """Bytes saved for backward by one transformer block, itemised."""
+    BT = batch * seq
+    a, r = prec.compute_bytes, prec.residual_bytes
+    stats = (2 if shape.norm == "layernorm" else 1) * FP32 * BT  # mean/rstd per token
+    out = {
+        "attention/norm_input": r * BT * shape.d_model + stats,
+        "attention/qkv_input": a * BT * shape.d_model,
+        "attention/q_k_v": a * BT * (shape.q_dim + 2 * shape.kv_dim),
+        "attention/output": a * BT * shape.q_dim + FP32 * batch * shape.n_head * seq,  # out + logsumexp
+        "attention/proj_input": a * BT * shape.q_dim,
+        "mlp/norm_input": r * BT * shape.d_model + stats,
+        "mlp/fc_input": a * BT * shape.d_model,
+    }
+    if shape.kv_heads != shape.n_head:  # k, v repeated to every query head before SDPA
+        out["attention/q_k_v"] += a * BT * 2 * (shape.q_dim - shape.kv_dim)
+    if shape.mlp == "gated":  # gate, silu(gate), up, product
+        out["mlp/hidden"] = 4 * a * BT * shape.mlp_hidden
+    else:  # fc output (gelu input), gelu output
+        out["mlp/hidden"] = 2 * a * BT * shape.mlp_hidden
+    if not flash:  # softmax output (fp32 under autocast) + its 16-bit copy for att @ v
+        scores = batch * shape.n_head * seq * seq
+        out["attention/scores"] = (FP32 + a) * scores if prec.autocast else a * scores
+    out["total"] = sum(out.values())
+    return out
+
+
+def head_activation_bytes(shape: ModelShape, batch: int, seq: int, prec: Precision) -> dict[str, int]:
+    """Final norm, head input and the logits' peak (cross-entropy backward)."""
+    BT = batch * seq
+    a, r = prec.compute_bytes, prec.residual_bytes
+    loss_bytes = FP32 if prec.autocast or prec.param_bytes == FP32 else a
+    out = {
+        "final_norm_input": r * BT * shape.d_model,
+        "head_input": a * BT * shape.d_model,
+        # log-probs saved by log_softmax, d(log-probs) from nll_loss, d(logits) from log_softmax
+        "logits_and_grads": 3 * loss_bytes * BT * shape.vocab_size,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def activation_bytes(shape: ModelShape, setup: TrainSetup, batch: int | None = None) -> dict[str, int]:
+    """All activations alive at the start of backward for one micro-batch, itemised."""
+    B = setup.micro_batch_size if batch is None else batch
+    T = setup.seq(shape)
+    prec = setup.prec
+    layer = layer_activation_bytes(shape, B, T, prec, setup.flash_attention)["total"]
+    head = head_activation_bytes(shape, B, T, prec)
+    if setup.activation_checkpointing:
+        # each block keeps only its input; one block is recomputed at a time
+        layers = shape.n_layer * prec.residual_bytes * B * T * shape.d_model + layer
+    else:
+        layers = shape.n_layer * layer
+    out = {
+        "embeddings": prec.residual_bytes * B * T * shape.d_model,
+        "layers": layers,
+        "head": head["final_norm_input"] + head["head_input"],
+        "logits": head["logits_and_grads"],
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def _model_state(shape: ModelShape, setup: TrainSetup, n_params: int) -> dict[str, int]:
+    """Bytes per device of parameters, gradients, optimizer state and optimizer temporaries."""
+    prec, W, strategy = setup.prec, setup.world_size, setup.strategy
+    states = optimizer_states_per_param(setup.optimizer, setup.momentum)
+    p = prec.param_bytes
+    if strategy.startswith("deepspeed"):
+        stage = int(strategy[-1])
+        # ZeRO (Rajbhandari et al. 2020): 16-bit params and grads, fp32 master + moments in the optimizer
+        weights = prec.compute_bytes if prec.autocast else p
+        master = FP32 if weights != FP32 else 0
+        params = weights * n_params // (W if stage >= 3 else 1)
+        grads = weights * n_params // (W if stage >= 2 else 1)
+        optimizer = (master + states * FP32 if weights != FP32 else states * p) * n_params // W
+        temporaries = 0  # DeepSpeed's fused Adam
+        return {"params": params, "gradients": grads, "optimizer": optimizer, "temporaries": temporaries}
+    shard = W if strategy == "fsdp" else 1
+    params = p * n_params // shard
+    grads = p * n_params // shard
+    optimizer = states * p * n_params // shard
+    if states == 0 or setup.optimizer_impl == "fused":
+        temporaries = 0
+    elif setup.optimizer_impl == "foreach":
+        temporaries = p * n_params // shard  # sqrt(exp_avg_sq) (or the momentum update) for all params
+    else:
+        temporaries = 2 * p * max(shape.vocab_size * shape.d_model, shape.d_model * shape.mlp_hidden * 2)
+    return {"params": params, "gradients": grads, "optimizer": optimizer, "temporaries": temporaries}
+
+
+def _extras(shape: ModelShape, setup: TrainSetup, n_params: int) -> dict[str, int]:
+    """Buffers the strategy or precision adds during forward/backward."""
+    prec, W, strategy = setup.prec, setup.world_size, setup.strategy
+    out = {}
+    if prec.autocast and strategy == "ddp":  # FSDP and DeepSpeed gather 16-bit weights instead
+        out["autocast_weight_copies"] = prec.compute_bytes * matmul_params(shape)
+    if strategy == "ddp" and W > 1:
+        out["ddp_gradient_buckets"] = prec.param_bytes * n_params  # gradient_as_bucket_view=False
+    if strategy == "fsdp":
+        # blocks wrapped as FSDP units: root unit (embeddings, head) + current and prefetched block,
+        # gathered in the compute dtype, and one block's unsharded gradient before reduce-scatter
+        block = layer_params(shape)
+        root = n_params - shape.n_layer * block
+        out["fsdp_gathered_params"] = prec.compute_bytes * (root + 3 * block)
+    if strategy == "deepspeed_stage_3":
+        block = layer_params(shape)
+        out["zero3_gathered_params"] = prec.compute_bytes * 2 * block
+    return out
+
+
+def memory_phases(shape: ModelShape, setup: TrainSetup, n_params: int | None = None, batch: int | None = None,
+                  activations_total: int | None = None, capture_bytes: int = 0) -> dict[str, dict[str, int]]:
+    """The candidate peaks, itemised. ``activations_total`` overrides the analytic figure (a traced one).
+
+    ``capture_bytes``: what taking a snapshot allocates on the device right after the optimizer step
+    (a sharded W gathered whole, its cast to the snapshot dtype); a third phase when non-zero.
+    """
+    n = count_params(shape)["total"] if n_params is None else n_params
+    state = _model_state(shape, setup, n)
+    acts = activation_bytes(shape, setup, batch)["total"] if activations_total is None else activations_total
+    extras = _extras(shape, setup, n)
+    if activations_total is not None:  # a traced figure already holds the autocast copies
+        extras.pop("autocast_weight_copies", None)
+    fb = {
+        "params": state["params"],
+        "gradients": state["gradients"] if setup.grad_accum > 1 else 0,
+        "optimizer": state["optimizer"],
+        "activations": acts,
+        "other": sum(extras.values()),
+    }
+    step = {
+        "params": state["params"],
+        "gradients": state["gradients"],
+        "optimizer": state["optimizer"] + state["temporaries"],
+        "activations": 0,
+        "other": extras.get("ddp_gradient_buckets", 0),
+    }
+    return _phases(fb, step, state["optimizer"], capture_bytes)
+
+
+def _phases(fb: dict[str, int], step: dict[str, int], optimizer_state: int, capture_bytes: int) -> dict:
+    """The phases with their totals; the snapshot phase (after the optimizer step, its temporaries freed:
+    model state + what the capture allocates) only when a snapshot allocates on the device."""
+    phases = {"forward_backward": fb, "optimizer_step": step}
+    if capture_bytes:
+        phases["snapshot_capture"] = {"params": step["params"], "gradients": step["gradients"],
+                                      "optimizer": optimizer_state, "activations": 0,
+                                      "other": step["other"] + capture_bytes}
+    for phase in phases.values():
+        phase["total"] = sum(phase.values())
+    return phases
+
+
+def _at_peak(phases: dict) -> dict:
+    name = max(phases, key=lambda k: phases[k]["total"])
+    at_peak = phases[name]
+    return {
+        "peak_bytes": at_peak["total"], "peak_phase": name, "params_bytes": at_peak["params"],
+        "gradients_bytes": at_peak["gradients"], "optimizer_bytes": at_peak["optimizer"],
+        "activations_bytes": at_peak["activations"], "other_bytes": at_peak["other"], "phases": phases,
+    }
+
+
+def peak_memory(shape: ModelShape, setup: TrainSetup, n_params: int | None = None, batch: int | None = None,
+                activations_total: int | None = None, capture_bytes: int = 0) -> dict:
+    """Peak bytes per device and the itemised tensors alive at that moment."""
+    return _at_peak(memory_phases(shape, setup, n_params, batch, activations_total, capture_bytes))
+
+
+def max_batch_size(shape: ModelShape, setup: TrainSetup, budget_bytes: int, n_params: int | None = None,
+                   limit: int = 1 << 20, capture_bytes: int = 0) -> int | None:
+    """Largest micro-batch whose peak fits ``budget_bytes``; ``None`` if not even 1 fits."""
+    def fits(b: int) -> bool:
+        return peak_memory(shape, setup, n_params, batch=b, capture_bytes=capture_bytes)["peak_bytes"] <= budget_bytes
+
+    if not fits(1):
+        return None
+    lo, hi = 1, 2
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:  # fits(lo) and not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def min_devices(shape: ModelShape, setup: TrainSetup, budget_bytes: int, n_params: int | None = None,
+                limit: int = 65_536, capture_bytes: int = 0) -> int | None:
+    """Fewest devices of ``budget_bytes`` each that fit one step under the strategy; ``None`` if none do.
+
+    Under DDP every device holds everything, so more devices never help.
+    """
+    from dataclasses import replace
+
+    def fits(world: int) -> bool:
+        trial = replace(setup, devices=world, num_nodes=1)
+        return peak_memory(shape, trial, n_params, capture_bytes=capture_bytes)["peak_bytes"] <= budget_bytes
+
+    if fits(1):
+        return 1
+    if setup.strategy == "ddp" or not fits(limit):
+        return None
+    lo, hi = 1, 2
+    while not fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
+
+
+def peak_memory_from_trace(trace: dict, setup: TrainSetup, capture_bytes: int = 0) -> dict:
+    """The :func:`peak_memory` result for a module whose step was traced with fake tensors.
+
+    ``trace`` is :func:`budget_callback.lightning.tracing.trace_training_step_memory`'s
+    result (one device, tensors as the step creates them). DDP adds its gradient
+    buckets; sharded strategies divide the model state by the world size.
+    """
+    W = setup.world_size
+    shard = W if setup.strategy != "ddp" else 1
+    params = (trace["params_bytes"] + trace["buffers_bytes"]) // shard
+    grads = trace["gradients_bytes"] // shard
+    opt = trace["optimizer_state_bytes"] // shard
+    buckets = trace["gradients_bytes"] if setup.strategy == "ddp" and W > 1 else 0
+    persistent = trace["params_bytes"] + trace["buffers_bytes"] + trace["optimizer_state_bytes"]
+    acts = max(trace["forward_peak_bytes"], trace["backward_peak_bytes"]) - persistent
+    fb = {"params": params, "gradients": grads if setup.grad_accum > 1 else 0, "optimizer": opt,
+          "activations": acts, "other": buckets}
+    step_temporaries = max(0, trace["optimizer_peak_bytes"] - persistent - trace["gradients_bytes"]) // shard
+    step = {"params": params, "gradients": grads, "optimizer": opt + step_temporaries, "activations": 0, "other": buckets}
+    return _at_peak(_phases(fb, step, opt, capture_bytes))

@@ -1,0 +1,1 @@
+"""The Lightning side: the callback's hooks and the components they call (inputs, locating W, tracing, capture, tracking, W&B)."""

@@ -1,0 +1,278 @@
+"""Gather forecast inputs from a live Trainer and LightningModule (no forecasting here)."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from ..forecast.memory import TrainSetup
+from ..forecast.shapes import ModelShape
+from ..forecast.wandb_usage import LoggingSpec
+
+
+def find_shape(module: nn.Module) -> ModelShape | None:
+    """The :class:`ModelShape` a module declares (``module.shape``, on it or a child), if any."""
+    for sub in module.modules():
+        shape = getattr(sub, "shape", None)
+        if isinstance(shape, ModelShape):
+            return shape
+    return None
+
+
+def strategy_name(trainer: pl.Trainer) -> str:
+    name = type(trainer.strategy).__name__.lower()
+    if "fsdp" in name or "modelparallel" in name:  # ModelParallelStrategy: FSDP2 over the data-parallel ranks
+        return "fsdp"
+    if "deepspeed" in name:
+        stage = getattr(trainer.strategy, "config", {}).get("zero_optimization", {}).get("stage", 2)
+        return f"deepspeed_stage_{max(1, min(3, int(stage)))}"
+    return "ddp"  # DDP, single device, and everything that replicates the model
+
+
+def precision_name(trainer: pl.Trainer) -> str:
+    name = str(trainer.precision)
+    return {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}.get(name, name)
+
+
+def steps_per_batch(trainer: pl.Trainer, module: pl.LightningModule) -> int:
+    """Optimizer steps one batch is expected to take: 1, or the number of optimizers under manual optimization
+    (each ``opt.step()`` advances ``global_step``; the schedule follows what it then sees)."""
+    if module.automatic_optimization:
+        return 1
+    return max(1, len(trainer.optimizers))
+
+
+def final_step(trainer: pl.Trainer, stride: int) -> int:
+    """The ``global_step`` this fit will end at: the first batch end at or past ``max_steps``, or the last
+    batch of ``max_epochs``, batch ends every ``stride`` optimizer steps."""
+    try:
+        stepping = trainer.estimated_stepping_batches
+    except Exception as err:  # noqa: BLE001 - Lightning raises for an unsized dataloader and max_steps=-1
+        stepping, reason = math.inf, str(err)
+    else:
+        reason = ""
+    if stepping is None or stepping < 0:  # Lightning answers max_steps (-1) for an unsized loader
+        stepping = math.inf
+    limits = []
+    if trainer.max_steps not in (None, -1):
+        limits.append(-(-trainer.max_steps // stride) * stride)
+    if stride == 1 and not math.isinf(stepping):
+        limits.append(int(stepping))
+    elif stride > 1 and trainer.max_epochs not in (None, -1) and isinstance(trainer.num_training_batches, int):
+        limits.append(trainer.max_epochs * trainer.num_training_batches * stride)
+    if not limits:
+        raise ValueError("BudgetCallback needs to know how many optimizer steps the run takes: set `max_steps` on "
+                         "the Trainer (a dataloader without a length, such as an IterableDataset, cannot be counted "
+                         f"in epochs){': ' + reason if reason else ''}")
+    return min(limits)
+
+
+def optimizer_settings(trainer: pl.Trainer, on_cuda: bool) -> tuple[str, float, str, torch.optim.Optimizer | None]:
+    """(name for the forecast, momentum, implementation, the optimizer)."""
+    if not trainer.optimizers:
+        return "sgd", 0.0, "for-loop", None
+    opt = trainer.optimizers[0]
+    kind = type(opt).__name__.lower()
+    defaults = opt.defaults
+    if kind in ("adamw", "adam"):
+        name, momentum = kind, 0.0
+    elif kind == "sgd":
+        name, momentum = "sgd", float(defaults.get("momentum", 0.0) or 0.0)
+    else:
+        name, momentum = "adamw", 0.0  # two states per parameter: the common case for adaptive optimizers
+    if defaults.get("fused"):
+        impl = "fused"
+    elif defaults.get("foreach") or (defaults.get("foreach") is None and on_cuda):
+        impl = "foreach"
+    else:
+        impl = "for-loop"
+    return name, momentum, impl, opt
+
+
+def first_batch(trainer: pl.Trainer):
+    """One batch from the train dataloader (for activation shapes); every rank must call this
+    (iterating a distributed loader can hold a barrier)."""
+    loader = trainer.train_dataloader
+    if loader is None:
+        return None
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0]
+    if isinstance(loader, dict):
+        loader = next(iter(loader.values()))
+    return next(iter(loader))
+
+
+def batch_dims(batch) -> tuple[int, int] | None:
+    """(micro-batch, sequence length) from the first 2-D integer tensor in the batch."""
+    stack = [batch]
+    while stack:
+        item = stack.pop(0)
+        if isinstance(item, torch.Tensor):
+            if item.dim() >= 2 and not item.is_floating_point():
+                return int(item.shape[0]), int(item.shape[1])
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return None
+
+
+def train_setup(trainer: pl.Trainer, batch: int, seq_len: int | None, optimizer: str, momentum: float,
+                impl: str) -> TrainSetup:
+    return TrainSetup(
+        micro_batch_size=batch,
+        seq_len=seq_len,
+        grad_accum=int(trainer.accumulate_grad_batches),
+        devices=int(trainer.num_devices),
+        num_nodes=int(trainer.num_nodes),
+        precision=precision_name(trainer),
+        optimizer=optimizer,
+        momentum=momentum,
+        optimizer_impl=impl,
+        strategy=strategy_name(trainer),
+    )
+
+
+def logging_spec(trainer: pl.Trainer, steps: int, budget_metrics: int) -> tuple[LoggingSpec, list[Path]]:
+    """Logging cadence, checkpoint cadence and where checkpoints go."""
+    every, keep, dirs = None, 1, []
+    for cb in trainer.checkpoint_callbacks:
+        n = getattr(cb, "_every_n_train_steps", 0) or 0
+        if n:
+            every = n if every is None else min(every, n)
+        elif getattr(cb, "_every_n_epochs", 0):
+            per_epoch = max(1, int(trainer.num_training_batches) // max(1, int(trainer.accumulate_grad_batches))) \
+                if isinstance(trainer.num_training_batches, int) else steps
+            every = per_epoch if every is None else min(every, per_epoch)
+        top_k = getattr(cb, "save_top_k", 1)
+        keep = steps if top_k == -1 else max(1, top_k) + (1 if getattr(cb, "save_last", False) else 0)
+        if cb.dirpath:
+            dirs.append(Path(cb.dirpath))
+        elif trainer.default_root_dir:
+            dirs.append(Path(trainer.default_root_dir))
+    log_model = "none"
+    for logger in trainer.loggers:
+        value = getattr(logger, "_log_model", None)  # WandbLogger keeps it privately
+        if value == "all":
+            log_model = "all"
+        elif value:
+            log_model = "last"
+    spec = LoggingSpec(log_every_n_steps=max(1, int(trainer.log_every_n_steps)), checkpoint_every_n_steps=every,
+                       keep_checkpoints=keep, log_model=log_model, budget_metrics=budget_metrics)
+    return spec, dirs
+
+
+def same_file_system(a: Path, b: Path) -> bool:
+    def device(p: Path) -> int | None:
+        p = p.absolute()
+        while not p.exists() and p != p.parent:
+            p = p.parent
+        try:
+            return os.stat(p).st_dev
+        except OSError:
+            return None
+    return device(a) == device(b)
+
+
+def memory_budget_default(module: nn.Module) -> tuple[int, bool]:
+    """(the accelerator's total memory, True) on a GPU; (host RAM, False) otherwise."""
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory), True
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), False
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 0, False
+
+
+def state_dict_entries(module: nn.Module) -> int:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return len(module.state_dict())
+
+
+def module_params(module: nn.Module) -> dict[str, int]:
+    """Exact count from a module (any device, ``meta`` included); shared tensors once.
+
+    Returns ``{"trainable": n, "frozen": m, "total": n + m, "tensors": k}``.
+    """
+    trainable = frozen = tensors = 0
+    for p in module.parameters():  # parameters() de-duplicates shared Parameters
+        tensors += 1
+        if p.requires_grad:
+            trainable += p.numel()
+        else:
+            frozen += p.numel()
+    return {"trainable": trainable, "frozen": frozen, "total": trainable + frozen, "tensors": tensors}
+
+
+def module_counts(module: nn.Module) -> tuple[int, int]:
+    counts = module_params(module)
+    return counts["total"], counts["tensors"]
+
+
+def gpu_table_name(device: torch.device) -> str | None:
+    """Our dense GPU table's entry for the CUDA device in use, if it is one we know."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    name = props.name.lower()
+    if "h200" in name:
+        return "h200"
+    if "h100" in name:
+        return "h100-pcie" if "pcie" in name else "h100-sxm"
+    if "a100" in name:
+        return "a100-80gb" if props.total_memory > 50 * 1024**3 else "a100-40gb"
+    if " l4" in f" {name}":
+        return "l4"
+    return None
+
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Dense peak FLOP/s of the device: our sourced table, else Lightning's ``get_available_flops``."""
+    from ..forecast.gpus import gpu
+
+    name = gpu_table_name(device)
+    if name is not None:
+        return gpu(name).peak_flops(str(dtype).replace("torch.", ""))
+    if device.type != "cuda":
+        return None
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    return get_available_flops(device, dtype)
+
+
+def is_sharded(trainer: pl.Trainer, weight: torch.Tensor) -> bool:
+    """True when W must be gathered by every rank before rank 0 can read it."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - older torch
+        DTensor = ()  # noqa: N806
+    return strategy_name(trainer) == "fsdp" or isinstance(weight, DTensor)
+
+
+def module_peak_flops(trainer: pl.Trainer, module: nn.Module) -> float | None:
+    """Dense peak FLOP/s of the device the module trains on, in the precision's compute dtype."""
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    compute = {"32-true": torch.float32, "16-mixed": torch.float16, "16-true": torch.float16}.get(
+        precision_name(trainer), torch.bfloat16)
+    return device_peak_flops(device, compute)
+
+
+def full_params(trainer: pl.Trainer, sharded: bool):
+    """For FSDP (1): a factory of the context in which rank 0 sees the full parameters (every rank enters it).
+    DTensor weights (FSDP2, tensor parallel) are gathered by ``full_tensor()`` instead: None."""
+    if not sharded or strategy_name(trainer) != "fsdp" or trainer.strategy.model is None:
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    model = trainer.strategy.model
+    if not any(isinstance(m, FSDP) for m in model.modules()):
+        return None
+    return lambda: FSDP.summon_full_params(model, writeback=False, rank0_only=True)

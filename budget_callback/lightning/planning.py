@@ -1,0 +1,124 @@
+"""The fit-start forecast: gather plain inputs from the Trainer and the module, trace if needed, forecast.
+
+No decision is acted on here; :mod:`.session` applies the forecast's decision.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import lightning.pytorch as pl
+import torch
+
+from ..forecast.engine import Budgets, Forecast, Measured, PlanInputs, SnapshotSpec, forecast
+from ..forecast.memory import peak_memory_from_trace
+from ..forecast.precision import optimizer_states_per_param
+from ..forecast.shapes import ModelShape
+from ..forecast.wandb_usage import CALLBACK_METRICS, CALLBACK_METRICS_ACCELERATOR
+from ..snapshots.format import SnapshotLayout
+from . import inputs as R
+from .config import BudgetConfig
+from .locate import MatrixSource
+from .tracing import trace_training_step_memory
+
+
+@dataclass(frozen=True)
+class FitFacts:
+    """What the fit looks like, gathered on every rank before anything is decided."""
+
+    layout: SnapshotLayout
+    steps_per_batch: int
+    final_step: int
+    start_step: int
+    sharded: bool
+    on_accelerator: bool
+    capture_device_bytes: int
+
+
+def capture_device_bytes(sources: dict[str, MatrixSource], layout: SnapshotLayout, sharded: bool) -> int:
+    """What one snapshot allocates on the training device: a sharded W gathered whole on every rank
+    (any device), and on an accelerator the cast to the snapshot dtype before the copy to the host."""
+    total = 0
+    for source in sources.values():
+        w = source.get()
+        per = layout.vocab_size * layout.hidden_dim
+        if sharded:
+            total += per * w.element_size()
+        if w.device.type in ("cuda", "xla", "mps") and str(w.dtype).removeprefix("torch.") != layout.dtype:
+            total += per * layout.itemsize
+    return total
+
+
+def plan_fit(trainer: pl.Trainer, module: pl.LightningModule, config: BudgetConfig, facts: FitFacts, batch,
+             resume: dict | None, free_disk_bytes: int) -> Forecast:
+    """The forecast for this fit (rank 0): analytic for a module that declares its shape, else traced."""
+    declared = R.find_shape(module)
+    memory_default, on_accelerator = R.memory_budget_default(module)
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    optimizer, momentum, impl, opt = R.optimizer_settings(trainer, on_accelerator)
+    dims = R.batch_dims(batch) or (1, None)
+    layout = facts.layout
+    shape = declared
+    if shape is None:  # stand-in: only V, D and tying are used (storage); memory and FLOPs are traced
+        shape = ModelShape(vocab_size=layout.vocab_size, d_model=layout.hidden_dim, n_layer=1, n_head=1,
+                           n_ctx=dims[1] or 1, tied=layout.tied, name=type(module).__name__)
+    setup = R.train_setup(trainer, dims[0], dims[1] or shape.n_ctx, optimizer, momentum, impl)
+    spec, ckpt_dirs = R.logging_spec(trainer, facts.final_step,
+                                     CALLBACK_METRICS_ACCELERATOR if on_accelerator else CALLBACK_METRICS)
+    shares = any(R.same_file_system(config.snapshot_dir, d) for d in ckpt_dirs) if ckpt_dirs else True
+    inputs = PlanInputs(
+        shape=shape, setup=setup, steps=facts.final_step,
+        snapshot=SnapshotSpec(config.save_every_n_steps, config.snapshot_dtype, config.snapshots_per_file,
+                              config.include_embedding, config.queue_depth),
+        logging=spec,
+        budgets=Budgets(config.disk_budget, config.memory_budget or memory_default or None, config.wandb_budget,
+                        config.on_exceed),
+        checkpoints_share_disk=shares, gpu=R.gpu_table_name(device), steps_per_batch=facts.steps_per_batch,
+        resume=resume, capture_device_bytes=facts.capture_device_bytes,
+    )
+    n_params, n_tensors = R.module_counts(module)
+    memory, flops, method = None, None, "analytic transformer"
+    if declared is None:
+        memory, flops, method = _trace(trainer, module, batch, setup, opt, on_accelerator, facts.capture_device_bytes)
+    measured = Measured(n_params, n_tensors, R.state_dict_entries(module), memory, flops, method)
+    result = forecast(inputs, measured, free_disk_bytes=free_disk_bytes)
+    if resume is not None:
+        result.notes.append(f"resumed at step {facts.start_step}: the series continues "
+                            f"(save_every_n_steps={result.save_every_n_steps})")
+    if facts.steps_per_batch > 1:
+        result.notes.append(f"manual optimization with {facts.steps_per_batch} optimizers: expecting "
+                            f"{facts.steps_per_batch} optimizer steps per batch (the schedule follows what it sees)")
+    return result
+
+
+def _trace(trainer, module, batch, setup, opt, on_accelerator: bool, capture: int):
+    """Trace one training step with fake tensors on the CPU fake device."""
+    autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(setup.precision)
+    overrides = {"foreach": True} if on_accelerator and setup.optimizer_impl == "foreach" else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trace = trace_training_step_memory(
+                module, batch, lambda m, b: m.training_step(b, 0), optimizer_cls=torch.optim.SGD,
+                optimizer_kwargs={"lr": 0.0}, optimizer=opt, optimizer_overrides=overrides, autocast_dtype=autocast,
+                skip=(trainer,))
+    except Exception as err:  # noqa: BLE001 - tracing is best effort; say so in the report
+        note = f"not traced ({type(err).__name__}: {str(err)[:120]}); activations not counted"
+        return peak_memory_from_trace(_model_state_only(module, setup), setup, capture), None, note
+    memory = peak_memory_from_trace(trace, setup, capture)
+    per_sequence = trace["train_flops"] // max(1, setup.micro_batch_size)
+    return memory, per_sequence, "traced training step (fake tensors, cpu fake device)"
+
+
+def _model_state_only(module: torch.nn.Module, setup) -> dict:
+    """A trace-shaped record with parameters, gradients and optimizer state only (when tracing failed)."""
+    p = setup.prec.param_bytes
+    trainable = sum(t.numel() for t in module.parameters() if t.requires_grad)
+    frozen = sum(t.numel() for t in module.parameters() if not t.requires_grad)
+    params, grads = p * (trainable + frozen), p * trainable
+    state = optimizer_states_per_param(setup.optimizer, setup.momentum) * p * trainable
+    persistent = params + state
+    return {"params_bytes": params, "buffers_bytes": 0, "gradients_bytes": grads, "optimizer_state_bytes": state,
+            "forward_peak_bytes": persistent, "backward_peak_bytes": persistent,
+            "optimizer_peak_bytes": persistent + grads}

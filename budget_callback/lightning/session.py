@@ -1,0 +1,347 @@
+"""One fit, from ``setup`` to ``teardown``: every piece of per-fit state lives here and starts fresh.
+
+The callback's hooks each call one method. The work is done by components
+that know nothing of each other: the forecast (:mod:`.planning`), the series
+and its directory (:mod:`budget_callback.snapshots`), the capture of W
+(:mod:`.capture`), the writer, the disk guard's pure decision, the tracker.
+Decisions are made on rank 0 and shared (:mod:`.distributed`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from ..errors import BudgetExceededError
+from ..forecast import disk_guard
+from ..forecast.engine import Forecast
+from ..forecast.report import render
+from ..snapshots.format import MANIFEST, SnapshotLayout
+from ..snapshots.schedule import Schedule
+from ..snapshots.series import Series, SeriesPlan, prepare, restored_series
+from ..snapshots.writer import SnapshotWriter
+from ..units import format_bytes
+from . import inputs as R
+from .capture import Capture, ring_size
+from .config import BudgetConfig
+from .distributed import decide_on_rank_zero, on_every_rank
+from .locate import MatrixSource, find_embedding, find_unembedding, is_tied
+from .planning import FitFacts, capture_device_bytes, plan_fit
+from .tracking import RunTracker, logger_step, should_log
+from .wandb_panels import log_charts, log_events, log_forecast, log_summary_line, wandb_loggers
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def available_ram_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return None
+
+
+class FitSession:
+    """Everything one fit does with the snapshot series (see the module doc)."""
+
+    def __init__(self, config: BudgetConfig, launch_token: str) -> None:
+        from ..snapshots.directory import DirectoryLock
+
+        self.config = config
+        self.launch_token = launch_token
+        self.lock = DirectoryLock(config.snapshot_dir)
+        self.restored: dict | None = None  # this fit's checkpoint state for the callback (load_state_dict)
+        self.checkpoint_dirs: list[str] | None = None  # snapshot_dirs a loaded checkpoint has BudgetCallback state for
+        self.forecast: Forecast | None = None
+        self.series: Series | None = None  # rank 0
+        self.schedule: Schedule | None = None  # every rank (rank 0: the series' own)
+        self.writer: SnapshotWriter | None = None
+        self.capture: Capture | None = None
+        self.tracker: RunTracker | None = None
+        self.facts: FitFacts | None = None
+        self.next_check_step = 0
+        self.stop_reason: str | None = None
+        self.final_projected: int | None = None
+        self._lost_seen = 0
+        self._warned = False
+
+    # --- setup: checks that need no run, and the lock ---------------------------------------------------
+    def setup(self, trainer: pl.Trainer) -> None:
+        def check() -> None:
+            directory = self.config.snapshot_dir
+            if directory.exists() and not directory.is_dir():
+                raise ValueError(f"`snapshot_dir` {str(directory)!r} exists and is not a directory")
+            if not os.access(_existing_parent(directory), os.W_OK):
+                raise ValueError(f"`snapshot_dir` {str(directory)!r} is not writable")
+            self.lock.acquire()
+        decide_on_rank_zero(trainer.strategy, check)
+
+    # --- train start: forecast, decide, open the series, start the writer ------------------------------------
+    def start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        strategy = trainer.strategy
+        sources, layout, sharded = on_every_rank(strategy, lambda: self._locate(trainer, module))
+        stride = R.steps_per_batch(trainer, module)
+        facts = FitFacts(layout, stride, on_every_rank(strategy, lambda: R.final_step(trainer, stride)),
+                         trainer.global_step, sharded, R.memory_budget_default(module)[1],
+                         capture_device_bytes(sources, layout, sharded))
+        batch = R.first_batch(trainer)  # every rank: iterating the loader may hold a barrier
+        plan: SeriesPlan | None = None
+
+        def decide() -> Forecast:
+            nonlocal plan
+            plan = self._prepare(layout)
+            self._check_host_ram(layout)
+            free = shutil.disk_usage(_existing_parent(self.config.snapshot_dir)).free + plan.reclaimable_bytes
+            resume = plan.schedule.state() if plan.schedule is not None else None
+            return plan_fit(trainer, module, self.config, facts, batch, resume, free)
+
+        self.forecast = result = decide_on_rank_zero(strategy, decide)
+        self.facts = facts
+        if trainer.is_global_zero and self.config.verbose:
+            rank_zero_info("budget-callback forecast\n" + render(result))
+        wandb = wandb_loggers(trainer.loggers) if trainer.is_global_zero else []
+        log_forecast(wandb, result, logger_step(trainer))
+        failed = [v.line() for v in result.verdicts.values() if not v.fits]
+        if result.decision == "abort":
+            raise BudgetExceededError("budget-callback: the run does not fit its budget, nothing was written. "
+                                      + " | ".join(failed))
+        if result.decision == "warn":
+            warnings.warn("budget-callback: " + " | ".join(failed), stacklevel=2)
+        state = decide_on_rank_zero(strategy, lambda: self._open(trainer, plan, result, layout, stride))
+        self.schedule = self.series.schedule if self.series else Schedule.from_state(layout, state)
+        self.capture = Capture(sources, getattr(torch, layout.dtype), self.config.queue_depth,
+                               writes=trainer.is_global_zero, gather=R.full_params(trainer, sharded))
+        self.tracker = RunTracker(result, R.module_peak_flops(trainer, module), facts.on_accelerator, wandb)
+        self.next_check_step = trainer.global_step + 1
+
+    def _locate(self, trainer: pl.Trainer, module: pl.LightningModule
+                ) -> tuple[dict[str, MatrixSource], SnapshotLayout, bool]:
+        w = find_unembedding(module, self.config.unembedding)
+        e = find_embedding(module)
+        tied = is_tied(w, e)
+        sources = {"unembedding": w}
+        if self.config.include_embedding:
+            if e is None:
+                raise ValueError("`include_embedding=True` but no input embedding was found "
+                                 "(tried get_input_embeddings() and nn.Embedding layers)")
+            if not tied:
+                sources["embedding"] = e
+        V, D = w.shape()
+        layout = SnapshotLayout(V, D, self.config.snapshot_dtype, self.config.snapshots_per_file,
+                                self.config.include_embedding, tied)
+        return sources, layout, R.is_sharded(trainer, w.get())
+
+    def _prepare(self, layout: SnapshotLayout) -> SeriesPlan:
+        hint = ""
+        if self.checkpoint_dirs is not None and self.restored is None:
+            known = ", ".join(self.checkpoint_dirs) or "none"
+            hint = (f"The checkpoint being resumed has no BudgetCallback state for this snapshot_dir (it has "
+                    f"state for: {known}).")
+        return prepare(self.config.snapshot_dir, layout, restored_series(self.restored), self.config.overwrite, hint)
+
+    def _check_host_ram(self, layout: SnapshotLayout) -> None:
+        K = layout.snapshots_per_file
+        need = (ring_size(self.config.queue_depth) + (K if K > 1 else 0)) * layout.step_bytes
+        free = available_ram_bytes()
+        if free is not None and need > free:
+            raise ValueError(
+                f"`snapshots_per_file`={K} and `queue_depth`={self.config.queue_depth} need "
+                f"{format_bytes(need)} of host RAM for snapshot buffers ({format_bytes(layout.step_bytes)} each), "
+                f"{format_bytes(free)} is available: lower snapshots_per_file or queue_depth")
+
+    def _open(self, trainer: pl.Trainer, plan: SeriesPlan, result: Forecast, layout: SnapshotLayout,
+              stride: int) -> dict:
+        """Rank 0: apply the plan, start the series and the writer; the schedule's state for the other ranks."""
+        if plan.schedule is not None:
+            schedule = plan.schedule
+            if schedule.every != result.save_every_n_steps:
+                schedule.change_interval(result.save_every_n_steps)
+        else:
+            schedule = Schedule.start(layout, result.save_every_n_steps, stride, trainer.global_step)
+        self.series, removed, open_file = plan.commit(schedule, self.launch_token, self.config.fsync)
+        step = trainer.global_step
+        if removed:
+            self.series.event({"step": step, "event": "cleaned_temporaries", "count": len(removed),
+                               "names": removed[:5]})
+        if result.decision == "downsampled":
+            self.series.event({"step": step, "event": "interval_raised_at_start",
+                               "from": self.config.save_every_n_steps, "every": result.save_every_n_steps})
+        for text in plan.warnings:
+            warnings.warn(f"budget-callback: {text}", stacklevel=2)
+            self.series.event({"step": step, "event": "warning", "detail": text})
+        self.writer = SnapshotWriter(self.series, self.config.queue_depth, self.config.when_behind)
+        self.writer.start(open_file)
+        return schedule.state()
+
+    # --- every batch end --------------------------------------------------------------------------------
+    def on_step(self, trainer: pl.Trainer) -> None:
+        step = trainer.global_step
+        stepped = step > self.schedule.last_step
+        placement = self.series.place(step) if self.series else self.schedule.advance(step)
+        if stepped:
+            self.tracker.tick()
+        if placement is not None and (self.writer is not None or self.facts.sharded):
+            tensors, event = self.capture.take()  # every rank takes part in gathering a sharded W
+            if self.writer is not None:
+                self.writer.submit(placement, tensors, event)
+        if self.series is not None and trainer.world_size == 1 and self.series.lost > self._lost_seen:
+            self._lost_seen = self.series.lost  # a write hit a full disk: look again now (one process only)
+            self.next_check_step = step
+        if stepped and step >= self.next_check_step and not self.schedule.paused and self.stop_reason is None:
+            self._guard(trainer, step)
+        if stepped and should_log(trainer):
+            self._log(trainer, logger_step(trainer))
+
+    def final_step(self, trainer: pl.Trainer) -> int:
+        try:
+            return max(self.schedule.last_step, R.final_step(trainer, self.schedule.stride))
+        except ValueError:
+            return self.facts.final_step
+
+    def _guard(self, trainer: pl.Trainer, step: int) -> None:
+        """Re-check free space; raise the interval, pause, or stop before the disk is full."""
+        final = self.final_step(trainer)
+
+        def decide():
+            free = shutil.disk_usage(self.config.snapshot_dir).free
+            return disk_guard.decide(self.series.schedule, final, free, self.config.disk_budget,
+                                     self.series.bytes_written, self.config.on_exceed)
+        decision = decide_on_rank_zero(trainer.strategy, decide)
+        self.next_check_step = decision.next_check_step
+        if decision.action == "ok" or (decision.action == "warn" and self._warned):
+            return
+        if decision.action in ("raise_interval", "pause"):
+            if self.series is not None:
+                self.series.change_interval(decision.every)
+            else:
+                self.schedule.change_interval(decision.every)
+        elif decision.action == "stop":
+            self.stop_reason = (f"budget-callback: disk guard stopped the run at step {step}: "
+                                f"{format_bytes(decision.available_bytes)} left for snapshots, "
+                                f"{format_bytes(decision.needed_bytes)} needed for the rest")
+            trainer.should_stop = True
+        elif decision.action == "warn":
+            self._warned = True
+            warnings.warn(f"budget-callback: the remaining snapshots need {format_bytes(decision.needed_bytes)}, "
+                          f"{format_bytes(decision.available_bytes)} is left", stacklevel=2)
+        if self.series is not None:
+            self.series.event(decision.to_event(step))
+            self._log(trainer, logger_step(trainer))
+
+    def _log(self, trainer: pl.Trainer, step: int) -> None:
+        if self.series is None or not trainer.loggers:
+            return
+        metrics = self.tracker.metrics(trainer, self.series, self.writer, self.schedule.due_bytes(),
+                                       len(self.series.events))
+        self.tracker.log(trainer, metrics, step)
+
+    # --- checkpoints ----------------------------------------------------------------------------------------
+    def before_checkpoint(self) -> None:
+        """Every snapshot up to the checkpoint's step is on disk before the checkpoint is (no gaps on resume)."""
+        if self.writer is not None and not self.writer.closed:
+            self.writer.flush(final=False)
+
+    def state_dict(self) -> dict:
+        if self.series is not None:
+            return self.series.state_dict()
+        if self.restored is not None:  # not started yet (e.g. lr_find saving before training): pass it on
+            return dict(self.restored)
+        return {"version": 2, "run_id": None}
+
+    # --- the end ------------------------------------------------------------------------------------------
+    def finish(self, trainer: pl.Trainer, failed: BaseException | None = None) -> None:
+        if self.writer is None or self.writer.closed:
+            return
+        try:
+            self.writer.close()
+        finally:
+            self.final_projected = self.schedule.due_bytes()
+            self.series.summary = {"projected_bytes": self.final_projected,
+                                   "forecast": self.forecast.to_dict() if self.forecast else None}
+            self.series.write_manifest("failed" if failed else "finished")
+        step = logger_step(trainer)
+        self._log(trainer, step)
+        reason = " (run stopped by an exception)" if failed else (f" ({self.stop_reason})" if self.stop_reason else "")
+        line = self.summary() + reason
+        wandb = self.tracker.wandb
+        if wandb:
+            log_charts(wandb, self.tracker.points, step)
+            log_events(wandb, self.series.events, step)
+            log_summary_line(wandb, line)
+        rank_zero_info(line)
+
+    def close(self) -> None:
+        """Teardown: the writer stopped, the lock released, the model no longer referenced."""
+        try:
+            if self.writer is not None and not self.writer.closed:
+                self.writer.close()
+        finally:
+            self.lock.release()
+            self.capture = None
+
+    def projected_bytes(self) -> int:
+        if self.final_projected is not None:
+            return self.final_projected
+        if self.series is None:
+            return 0
+        return self.series.schedule.projected_bytes(self.facts.final_step)
+
+    def summary(self) -> str:
+        """One line: projected vs actual snapshot bytes, and the interval."""
+        series = self.series
+        if series is None:
+            return "budget-callback summary: no snapshots (the series did not start)"
+        due, actual = self.schedule.due_bytes(), series.bytes_written
+        s = self.schedule
+        extra = ""
+        if self.writer is not None:
+            extra = (f"; back-pressure {self.writer.stats.backpressure_seconds:.2f} s, dropped {series.dropped}, "
+                     f"lost to a full disk {series.lost}")
+        return (f"budget-callback summary: snapshots projected {format_bytes(due)} ({due:,} B) by step "
+                f"{s.last_step}, actual {format_bytes(actual)} ({actual:,} B) in {len(series.files)} file(s), "
+                f"difference {actual - due:+,} B; save_every_n_steps={s.interval}{' (paused)' if s.paused else ''}"
+                f"{extra}")
+
+
+# --- a fit that ran in another process (ddp_spawn) --------------------------------------------------------
+def recorded_run(snapshot_dir: Path, launch_token: str) -> dict:
+    """The manifest of the fit launched by the callback object holding ``launch_token``, else {}."""
+    try:
+        manifest = json.loads((snapshot_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest if manifest.get("launch_token") == launch_token else {}
+
+
+class RecordedForecast:
+    """The forecast of a fit that ran in another process, as its manifest recorded it (``to_dict()`` schema)."""
+
+    def __init__(self, d: dict) -> None:
+        self._d = d
+        for key in ("params", "memory", "flops", "time", "storage", "wandb", "notes", "decision",
+                    "save_every_n_steps"):
+            setattr(self, key, d.get(key))
+
+    def to_dict(self) -> dict:
+        return dict(self._d)
+
+    @classmethod
+    def of(cls, manifest: dict) -> RecordedForecast | None:
+        return cls(manifest["forecast"]) if manifest.get("forecast") else None

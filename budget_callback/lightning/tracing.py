@@ -1,0 +1,266 @@
+"""Estimate the peak memory of one training step by tracing it with fake tensors.
+
+The step (forward, loss, backward, optimizer step) runs on a *fake* copy of the
+module under :class:`~torch._subclasses.fake_tensor.FakeTensorMode`: every op
+computes only shapes, dtypes and strides, so no parameter, activation or
+optimizer state is ever allocated. A small :class:`TorchDispatchMode` watches
+the storages that the ops create and free (through weak references, the same
+way ``torch.distributed._tools.mem_tracker.MemTracker`` does) and records the
+largest number of live bytes.
+
+The result is *tensor* memory, as a caching allocator would be asked for it; it
+does not include the CUDA context, allocator rounding/fragmentation, cuBLAS or
+NCCL workspaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import inspect
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._pytree import tree_leaves, tree_map_only
+
+__all__ = ["trace_training_step_memory"]
+
+_PHASES = ("forward", "backward", "optimizer")
+
+
+class _LiveStorageTracker(TorchDispatchMode):
+    """Count the bytes of live tensor storages and remember the peak.
+
+    Storages created by dispatched ops are tracked automatically; tensors that
+    already exist (parameters, batch, optimizer state) are registered with
+    :meth:`track`. A storage stops counting when its Python object is
+    finalised, which for storages means the memory itself is released.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._refs: dict[int, weakref.ref] = {}
+        self.current_bytes = 0
+        self.peak_bytes = 0
+        self.phase = "setup"
+        self.peak_phase = "setup"
+        self.phase_peak_bytes: dict[str, int] = {}
+
+    def track(self, tensors: Any) -> None:
+        """Start counting the storages of every tensor in the pytree ``tensors``."""
+        for t in tree_leaves(tensors):
+            if isinstance(t, torch.Tensor):
+                self._add(t.untyped_storage())
+
+    def set_phase(self, phase: str) -> None:
+        """Label subsequent allocations (``forward``, ``backward``, ...)."""
+        self.phase = phase
+        self.phase_peak_bytes[phase] = self.current_bytes
+
+    def reset_peak(self) -> None:
+        """Forget the peak so far; the next peak starts from the current bytes."""
+        self.peak_bytes = self.current_bytes
+        self.peak_phase = self.phase
+        self.phase_peak_bytes = {}
+
+    def _add(self, storage: torch.UntypedStorage) -> None:
+        key = id(storage)
+        if key in self._refs:
+            return
+        nbytes = storage.nbytes()
+        self._refs[key] = weakref.ref(storage, functools.partial(self._release, key, nbytes))
+        self.current_bytes += nbytes
+        if self.current_bytes > self.phase_peak_bytes.get(self.phase, 0):
+            self.phase_peak_bytes[self.phase] = self.current_bytes
+        if self.current_bytes > self.peak_bytes:
+            self.peak_bytes = self.current_bytes
+            self.peak_phase = self.phase
+
+    def _release(self, key: int, nbytes: int, _ref: weakref.ref) -> None:
+        del self._refs[key]
+        self.current_bytes -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        self.track(out)
+        return out
+
+
+def _storage_bytes(tensors: Any) -> int:
+    """Bytes of the distinct storages behind the tensors in the pytree ``tensors``."""
+    seen: dict[int, int] = {}
+    for t in tree_leaves(tensors):
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            seen[id(st)] = st.nbytes()
+    return sum(seen.values())
+
+
+def _fake_like(fake_mode: FakeTensorMode, t: torch.Tensor) -> torch.Tensor:
+    """A fake CPU tensor with the size, stride and dtype of ``t`` (any device)."""
+    with fake_mode:
+        out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device="cpu")
+    return out.requires_grad_(t.requires_grad)
+
+
+def _fake_module(module: nn.Module, fake_mode: FakeTensorMode, skip: tuple = ()) -> tuple[nn.Module, dict]:
+    """Deep-copy ``module`` with every parameter, buffer and tensor attribute made fake.
+
+    The deepcopy memo is pre-filled with fake counterparts, so no real tensor is
+    copied (``Tensor.__deepcopy__`` would copy real storages) and tied weights
+    stay tied. Works for modules on any device, ``meta`` included. Returns the
+    copy and the memo (``id(real tensor) -> fake tensor``).
+    """
+    memo: dict[int, Any] = {id(obj): None for obj in skip}  # left out of the copy (e.g. the Trainer)
+    for p in module.parameters():
+        if id(p) not in memo:
+            memo[id(p)] = nn.Parameter(_fake_like(fake_mode, p.detach()), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        if id(b) not in memo:
+            memo[id(b)] = _fake_like(fake_mode, b)
+    for mod in module.modules():
+        for name, value in vars(mod).items():
+            if name in ("_parameters", "_buffers", "_modules"):
+                continue
+            for t in tree_leaves(value):
+                if isinstance(t, torch.Tensor) and id(t) not in memo:
+                    memo[id(t)] = _fake_like(fake_mode, t)
+    with fake_mode:
+        return copy.deepcopy(module, memo), memo
+
+
+def rebuild_optimizer(optimizer: torch.optim.Optimizer, mapping: dict[int, Any],
+                      overrides: dict[str, Any] | None = None) -> torch.optim.Optimizer:
+    """The same optimizer class, every param group's hyperparameters, on other parameters.
+
+    ``mapping``: ``id(real parameter) -> its stand-in``. The groups carry the
+    hyperparameters (lr, betas, weight decay, fused, foreach, ...); the
+    constructor gets only the defaults its signature accepts, so internal
+    defaults a class adds itself (AdamW's ``decoupled_weight_decay`` in torch
+    2.13) and user subclasses with other arguments both work.
+    """
+    groups = []
+    for group in optimizer.param_groups:
+        params = [mapping[id(p)] for p in group["params"] if id(p) in mapping]
+        if params:
+            groups.append({**group, **(overrides or {}), "params": params})
+    if not groups:
+        raise ValueError("the optimizer holds none of the module's parameters")
+    cls = type(optimizer)
+    signature = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values())
+    defaults = {k: v for k, v in optimizer.defaults.items() if takes_any or k in signature}
+    return cls(groups, **defaults)
+
+
+def _loss_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, dict):
+        out = out["loss"]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"`loss_fn` must return a tensor or a dict with a 'loss' tensor, got {type(out).__name__}.")
+    return out
+
+
+def trace_training_step_memory(
+    module: nn.Module,
+    batch: Any,
+    loss_fn: Callable[[nn.Module, Any], Any],
+    optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
+    optimizer_kwargs: dict[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    optimizer_overrides: dict[str, Any] | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    skip: tuple = (),
+) -> dict[str, Any]:
+    """Estimate the peak tensor memory of one steady-state training step, allocating nothing.
+
+    A fake copy of ``module`` is built on the CPU fake device (the real module is
+    never touched). The optimizer's state is first created with one fake step on
+    zero gradients, so the traced step is a step-2-onwards step: parameters,
+    optimizer state, ``loss_fn(module, batch)`` under optional CPU autocast,
+    ``backward()`` into ``None`` gradients, ``optimizer.step()``.
+
+    Args:
+        module: the model; its tensors may live on any device, including ``meta``.
+        batch: a pytree of tensors (any device, ``meta`` included) passed to ``loss_fn``.
+        loss_fn: ``loss_fn(module, batch)`` returning a scalar loss tensor, or a
+            dict with a ``"loss"`` tensor (e.g. ``lambda m, b: m.training_step(b, 0)``
+            for a LightningModule that does not call ``self.log``).
+        optimizer_cls: optimizer class, constructed as ``optimizer_cls(params, **optimizer_kwargs)``.
+        optimizer_kwargs: keyword arguments for the optimizer. Pass ``foreach=True`` to model
+            the default multi-tensor path of optimizers on CUDA (its temporaries are larger).
+        optimizer: the run's own optimizer, rebuilt on the fake parameters with every param group's
+            hyperparameters (:func:`rebuild_optimizer`); replaces ``optimizer_cls`` and ``optimizer_kwargs``.
+        optimizer_overrides: group settings to change in the rebuilt one (e.g. ``{"foreach": True}``).
+        autocast_dtype: if given (``torch.bfloat16`` or ``torch.float16``), run forward and loss
+            under ``torch.autocast("cpu", dtype=autocast_dtype)``.
+        skip: objects the module refers to that the copy must not hold (a Trainer): they become None.
+
+    Returns:
+        A dict of integer byte counts whose parts sum to ``peak_bytes``:
+        ``params_bytes``, ``buffers_bytes``, ``gradients_bytes`` (all gradients of trainable
+        parameters), ``optimizer_state_bytes`` (persistent state), ``batch_bytes``,
+        ``activations_bytes`` (the rest of the peak: saved activations, activation
+        gradients and temporaries, optimizer-step temporaries included), ``peak_bytes``.
+        ``train_flops`` counts forward + backward FLOPs (``torch.utils.flop_counter``).
+        Also ``forward_peak_bytes``, ``backward_peak_bytes``, ``optimizer_peak_bytes``
+        (the peak within each phase, not additive) and ``peak_phase`` (a string, the
+        phase in which the overall peak occurs).
+    """
+    if autocast_dtype not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(f"`autocast_dtype` can be None, torch.bfloat16 or torch.float16, got {autocast_dtype}.")
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fmodule, memo = _fake_module(module, fake_mode, skip)
+    fbatch = tree_map_only(torch.Tensor, functools.partial(_fake_like, fake_mode), batch)
+    params = [p for p in fmodule.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("`module` has no parameters with `requires_grad=True`; there is nothing to train.")
+
+    with fake_mode:
+        if optimizer is not None:
+            optimizer = rebuild_optimizer(optimizer, memo, optimizer_overrides)
+        else:
+            optimizer = optimizer_cls(params, **(optimizer_kwargs or {}))
+        # Step 1 creates the optimizer state (lazily, as on the first real step).
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    tracker = _LiveStorageTracker()
+    tracker.track((list(fmodule.parameters()), list(fmodule.buffers()), fbatch, list(optimizer.state.values())))
+    tracker.reset_peak()
+    autocast = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    counter = FlopCounterMode(display=False)
+    with fake_mode, tracker:
+        tracker.set_phase("forward")
+        with counter:
+            with autocast:
+                loss = _loss_tensor(loss_fn(fmodule, fbatch))
+            tracker.set_phase("backward")
+            loss.backward()
+        del loss
+        tracker.set_phase("optimizer")
+        optimizer.step()
+
+    result = {
+        "params_bytes": _storage_bytes(list(fmodule.parameters())),
+        "buffers_bytes": _storage_bytes(list(fmodule.buffers())),
+        "gradients_bytes": _storage_bytes([p.grad for p in params if p.grad is not None]),
+        "optimizer_state_bytes": _storage_bytes(list(optimizer.state.values())),
+        "batch_bytes": _storage_bytes(fbatch),
+    }
+    result["activations_bytes"] = tracker.peak_bytes - sum(result.values())
+    result["peak_bytes"] = tracker.peak_bytes
+    for phase in _PHASES:
+        result[f"{phase}_peak_bytes"] = tracker.phase_peak_bytes.get(phase, 0)
+    result["peak_phase"] = tracker.peak_phase
+    result["train_flops"] = int(counter.get_total_flops())
+    return result

@@ -1,0 +1,1 @@
+"""A reference transformer that declares its shape (the analytic forecast recognises it)."""

@@ -1,0 +1,1 @@
+"""Snapshot files: format and sizes, schedule, series, directory, writer, reader (no Lightning)."""

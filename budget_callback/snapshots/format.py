@@ -1,0 +1,175 @@
+"""The snapshot file format: names, metadata and the exact size of every file (pure: no torch).
+
+A safetensors file is ``8`` (little-endian u64 header length) + the JSON header
+padded with spaces to a multiple of 8 + the raw tensor data. The header is
+compact JSON: ``{"__metadata__":{...},"<name>":{"dtype":"BF16","shape":[V,D],
+"data_offsets":[a,b]},...}``. Its length does not depend on key order, so the
+size of every file is known exactly before anything is written.
+
+A file holds ``count`` snapshots: W as ``unembedding`` (and E as
+``embedding``), shape ``(V, D)`` when ``snapshots_per_file == 1``, else
+``(count, V, D)``. Its metadata names the optimizer steps it holds:
+``first_step``, ``count`` and ``every`` (the interval), plus ``steps`` (the
+list, comma-separated) only when the steps are not ``first_step + i * every``
+(several optimizer steps per batch, see :mod:`.schedule`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+
+from ..validate import one_of, positive_int
+
+SNAPSHOT_DTYPES = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2)}
+SNAPSHOT_FORMAT = "budget-callback/1"
+ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+NAMES = ("unembedding", "embedding")
+MANIFEST = "manifest.json"
+LOCK_FILE = ".budget-callback.lock"
+TMP_MARK = ".tmp-"  # our temporaries: ".<final name>.tmp-<pid>"
+_NAME_RE = re.compile(r"^step_(\d{9,})\.safetensors$")
+_SAFETENSORS_TMP_RE = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")  # safetensors' own (Rust tempfile) temporary
+
+
+def snapshot_name(first_step: int) -> str:
+    """File name of the file whose first snapshot is at ``first_step``."""
+    return f"step_{first_step:09d}.safetensors"
+
+
+def step_of_name(name: str) -> int | None:
+    """The first step a snapshot file name stands for; None for any other name."""
+    match = _NAME_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def is_temporary(name: str) -> bool:
+    """A temporary left by a writer: ours (``.x.tmp-123``) or safetensors' own (``.tmpAbC123``)."""
+    return name.startswith(".") and (TMP_MARK in name or bool(_SAFETENSORS_TMP_RE.match(name)))
+
+
+def temporary_name(final_name: str, pid: int) -> str:
+    return f".{final_name}{TMP_MARK}{pid}"
+
+
+def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    n = ITEMSIZE[dtype]
+    for dim in shape:
+        n *= dim
+    return n
+
+
+def encode_header(tensors: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str] | None) -> bytes:
+    """The 8-byte length and the padded JSON header, data laid out in name order (as safetensors does for
+    tensors of one dtype). ``len(result) == 8 + safetensors_header_bytes(tensors, metadata)``."""
+    header: dict = {}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    offset = 0
+    for name in sorted(tensors):
+        dtype, shape = tensors[name]
+        n = _nbytes(dtype, shape)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def safetensors_header_bytes(tensors: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str] | None) -> int:
+    """Length of the padded JSON header for ``tensors`` = {name: (safetensors dtype, shape)}."""
+    header: dict = {}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    offset = 0
+    for name, (dtype, shape) in tensors.items():
+        n = _nbytes(dtype, shape)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode())
+    return -(-raw // 8) * 8
+
+
+def safetensors_file_bytes(tensors: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> int:
+    """Exact size of the safetensors file holding ``tensors`` (no tensor is allocated)."""
+    data = sum(_nbytes(dtype, shape) for dtype, shape in tensors.values())
+    return 8 + safetensors_header_bytes(tensors, metadata) + data
+
+
+def is_regular(steps: list[int], every: int) -> bool:
+    """True when ``steps`` are ``steps[0] + i * every`` (the metadata needs no explicit list)."""
+    return all(b - a == every for a, b in zip(steps, steps[1:]))
+
+
+@dataclass(frozen=True)
+class SnapshotLayout:
+    """What one snapshot file holds. Shared by the forecast and the writer so they cannot drift."""
+
+    vocab_size: int
+    hidden_dim: int
+    dtype: str = "bfloat16"  # "float32" | "bfloat16" | "float16"
+    snapshots_per_file: int = 1
+    include_embedding: bool = False  # store E next to W (skipped when tied: E is W)
+    tied: bool = False
+
+    def __post_init__(self) -> None:
+        positive_int("vocab_size", self.vocab_size)
+        positive_int("hidden_dim", self.hidden_dim)
+        one_of("snapshot_dtype", self.dtype, SNAPSHOT_DTYPES)
+        positive_int("snapshots_per_file", self.snapshots_per_file)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return NAMES if self.include_embedding and not self.tied else NAMES[:1]
+
+    @property
+    def itemsize(self) -> int:
+        return SNAPSHOT_DTYPES[self.dtype][1]
+
+    @property
+    def matrix_bytes(self) -> int:
+        """Raw bytes of one (V, D) matrix in the snapshot dtype."""
+        return self.vocab_size * self.hidden_dim * self.itemsize
+
+    @property
+    def step_bytes(self) -> int:
+        """Raw tensor bytes captured per snapshot step (what the host buffers hold)."""
+        return len(self.names) * self.matrix_bytes
+
+    @property
+    def stacked(self) -> bool:
+        return self.snapshots_per_file > 1
+
+    def metadata(self, first_step: int, count: int, every: int, steps: list[int] | None = None) -> dict[str, str]:
+        """The file's metadata; ``steps`` only when they are not ``first_step + i * every``."""
+        meta = {"format": SNAPSHOT_FORMAT, "first_step": str(first_step), "count": str(count), "every": str(every)}
+        if steps is not None and count > 1 and not is_regular(steps, every):
+            meta["steps"] = ",".join(map(str, steps))
+        return meta
+
+    def tensors(self, count: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+        shape = (count, self.vocab_size, self.hidden_dim) if self.stacked else (self.vocab_size, self.hidden_dim)
+        code = SNAPSHOT_DTYPES[self.dtype][0]
+        return {name: (code, shape) for name in self.names}
+
+    def file_bytes(self, first_step: int, count: int, every: int, steps_chars: int | None = None) -> int:
+        """Exact bytes of the file holding ``count`` snapshots from ``first_step`` every ``every`` steps.
+
+        ``steps_chars``: length of the explicit ``steps`` list when the steps are irregular.
+        """
+        meta = self.metadata(first_step, count, every)
+        if steps_chars is not None and count > 1:
+            meta["steps"] = "0" * steps_chars  # only its length matters: digits and commas need no escaping
+        return safetensors_file_bytes(self.tensors(count), meta)
+
+    def file_bytes_for(self, steps: list[int], every: int) -> int:
+        """Exact bytes of the file holding the snapshots of ``steps`` (in order)."""
+        chars = None if is_regular(steps, every) else len(",".join(map(str, steps)))
+        return self.file_bytes(steps[0], len(steps), every, chars)
+
+    def to_dict(self) -> dict:
+        return {"vocab_size": self.vocab_size, "hidden_dim": self.hidden_dim, "dtype": self.dtype,
+                "snapshots_per_file": self.snapshots_per_file, "include_embedding": self.include_embedding,
+                "tied": self.tied, "names": list(self.names)}

@@ -1,0 +1,121 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from budget_callback.cli import main
+
+REQUIRED = [
+    "params.total", "memory.peak_bytes", "memory.params_bytes", "memory.gradients_bytes", "memory.optimizer_bytes",
+    "memory.activations_bytes", "memory.max_batch_size", "memory.min_devices", "flops.train_per_step",
+    "time.train_seconds", "storage.snapshot_count", "storage.snapshot_bytes", "storage.per_1000_steps_bytes",
+    "storage.checkpoint_bytes", "storage.total_bytes", "storage.host_buffer_bytes", "wandb.metric_points",
+    "wandb.total_bytes", "save_every_n_steps",
+]
+
+
+def _plan(capsys, *args):
+    code = main(["plan", *args, "--json"])
+    out = capsys.readouterr().out
+    return code, json.loads(out)
+
+
+def _get(d, dotted):
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+def test_json_has_contract_keys_and_integers(capsys):
+    code, d = _plan(capsys, "--preset", "gpt2-xl", "--gpu", "h100", "--devices", "8", "--strategy", "fsdp",
+                    "--batch-size", "4", "--steps", "2000")
+    assert code == 0
+    for key in REQUIRED:
+        value = _get(d, key)
+        if key.endswith("bytes") or key.startswith("flops") or key.endswith("count") or key.endswith("points"):
+            assert isinstance(value, int) and not isinstance(value, bool), key
+    assert d["params"]["total"] == 1_557_611_200
+    assert isinstance(d["time"]["train_seconds"], float) and d["time"]["train_seconds"] > 0
+    assert d["time"]["peak_flops_per_device"] == 989_400_000_000_000  # FLOP figures are integers
+    assert isinstance(d["memory"]["max_batch_size"], int) and d["memory"]["min_devices"] >= 1
+
+
+def test_time_is_null_without_gpu(capsys):
+    _, d = _plan(capsys, "--preset", "gpt2-tiny")
+    assert d["time"]["train_seconds"] is None and d["memory"]["max_batch_size"] is None
+
+
+def test_data_rate_calculator_case(capsys):
+    _, d = _plan(capsys, "--vocab-size", "10000", "--d-model", "64", "--n-layer", "2", "--n-head", "2",
+                 "--steps", "10000", "--save-every", "1", "--snapshot-dtype", "bfloat16")
+    assert d["storage"]["snapshot_count"] == 10_000
+    assert round(d["storage"]["snapshot_bytes"] / 2**30, 2) == 11.92
+    assert round(d["storage"]["snapshot_file_bytes"] / 2**20, 2) == 1.22
+
+
+def test_disk_budget_downsamples(capsys):
+    _, d = _plan(capsys, "--preset", "gpt2-tiny", "--steps", "10000", "--disk-budget", "1GB")
+    assert d["save_every_n_steps"] > 1 and d["decision"] == "downsampled"
+    assert d["storage"]["snapshot_bytes"] <= 10**9
+    _, d = _plan(capsys, "--preset", "gpt2-tiny", "--steps", "10000", "--disk-budget", "1GB", "--on-exceed", "abort")
+    assert d["save_every_n_steps"] == 1 and d["decision"] == "abort"
+
+
+def test_memory_budget_abort_names_largest_batch(capsys):
+    _, d = _plan(capsys, "--preset", "gpt2", "--batch-size", "64", "--memory-budget", "24GiB")
+    assert d["decision"] == "abort"
+    assert not d["budgets"]["memory"]["fits"]
+    assert any("largest micro-batch" in a for a in d["budgets"]["memory"]["advice"])
+
+
+def test_human_report_lists_sections(capsys):
+    assert main(["plan", "--preset", "gpt2-xl", "--gpu", "h100", "--devices", "8", "--strategy", "fsdp"]) == 0
+    out = capsys.readouterr().out
+    for section in ("Parameters", "Memory per device", "FLOPs", "Time on 8 x h100", "Storage", "Weights & Biases", "Budgets"):
+        assert section in out
+    assert "1,557,611,200" in out
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--preset", "gpt5"], "--preset"),
+        (["--preset", "gpt2", "--n-head", "7"], "--n-head"),
+        (["--vocab-size", "100", "--d-model", "64"], "--n-layer"),
+        (["--preset", "gpt2", "--steps", "0"], "--steps"),
+        (["--preset", "gpt2", "--batch-size", "-4"], "--batch-size"),
+        (["--preset", "gpt2", "--disk-budget", "12XB"], "--disk-budget"),
+        (["--preset", "gpt2", "--memory-budget", "0GB"], "--memory-budget"),
+        (["--preset", "gpt2", "--precision", "fp8"], "--precision"),
+        (["--preset", "gpt2", "--mfu", "1.5"], "--mfu"),
+        (["--preset", "gpt2", "--gpu", "tpu"], "--gpu"),
+        (["--preset", "gpt2", "--strategy", "horovod"], "--strategy"),
+        (["--preset", "gpt2", "--seq-len", "2048"], "--seq-len"),
+        (["--preset", "gpt2", "--save-every", "0"], "--save-every"),
+        (["--preset", "gpt2", "--snapshot-dtype", "int8"], "--snapshot-dtype"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args, flag):
+    proc = subprocess.run([sys.executable, "-m", "budget_callback", "plan", *args], capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_console_script_and_module_agree():
+    proc = subprocess.run([sys.executable, "-m", "budget_callback", "plan", "--preset", "gpt2-tiny", "--json"],
+                          capture_output=True, text=True, check=True)
+    assert json.loads(proc.stdout)["params"]["total"] == 756_480
+
+
+def test_readme_gpt2_xl_output_is_current(capsys):
+    """The README shows the plan's real output for examples/plan_gpt2_xl.sh."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    marker = "GPT-2 XL on eight H100s (the output of the third command above):\n\n```\n"
+    shown = readme[readme.index(marker) + len(marker):].split("```")[0]
+    main(["plan", "--preset", "gpt2-xl", "--gpu", "h100", "--devices", "8", "--strategy", "fsdp", "--batch-size", "8",
+          "--steps", "20000", "--save-every", "10", "--checkpoint-every", "1000"])
+    assert capsys.readouterr().out == shown

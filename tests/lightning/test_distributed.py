@@ -1,0 +1,169 @@
+"""Several processes for real (gloo on the CPU): one series, decisions and failures reach every rank, no hang.
+
+Each case runs a script in a subprocess (Lightning launches the ranks); every rank writes what it saw to a
+JSON file. The subprocess timeout only bounds a hang, it decides nothing."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from budget_callback import SnapshotReader
+from budget_callback.snapshots.format import SnapshotLayout
+from budget_callback.snapshots.schedule import series_bytes
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SCRIPT = textwrap.dedent("""
+    import sys, json, os, warnings
+    sys.path.insert(0, {tests!r})
+    warnings.filterwarnings("ignore")
+    import lightning as L, torch
+    from budget_callback import BudgetCallback
+    from helpers import TinyLM, token_loader
+    {prelude}
+    cb = BudgetCallback({snaps!r}, **{kwargs!r})
+    t = L.Trainer(max_steps=6, accelerator="cpu", devices=2, strategy={strategy}, logger=False,
+                  callbacks=[cb] + extra_callbacks(), enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, default_root_dir={root!r})
+    try:
+        t.fit(make_module(), token_loader(n=64))
+        outcome, message = "ok", ""
+    except Exception as err:
+        outcome, message = type(err).__name__, str(err)
+    rank = os.environ.get("LOCAL_RANK", "main" if {spawn!r} else "0")
+    with open(os.path.join({root!r}, f"rank{{rank}}.json"), "w") as fh:
+        json.dump({{"outcome": outcome, "message": message, "every": cb.save_every_n_steps,
+                   "bytes_written": cb.bytes_written, "projected_bytes": cb.projected_bytes,
+                   "decision": cb.forecast.decision if cb.forecast else None, **report(t, cb)}}, fh)
+""")
+
+DEFAULT_PRELUDE = """
+def make_module():
+    return TinyLM()
+def extra_callbacks():
+    return []
+def report(trainer, cb):
+    return {}
+"""
+
+
+def _run(tmp_path, kwargs, strategy='"ddp"', prelude=DEFAULT_PRELUDE, spawn=False):
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT.format(tests=str(ROOT / "tests"), snaps=str(tmp_path / "s"), kwargs=kwargs,
+                                    strategy=strategy, root=str(tmp_path), prelude=prelude, spawn=spawn))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    results = {p.stem[4:]: json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")}
+    return proc, results
+
+
+def test_ddp_two_processes_write_one_series(tmp_path, record):
+    proc, results = _run(tmp_path, {})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [results[r]["outcome"] for r in ("0", "1")] == ["ok", "ok"]
+    assert SnapshotReader(tmp_path / "s").steps == [1, 2, 3, 4, 5, 6]
+    assert results["0"]["bytes_written"] == results["0"]["projected_bytes"] == series_bytes(
+        SnapshotLayout(50, 8, "bfloat16"), 6, 1)
+    record(ranks=2, files=6, steps=6)
+
+
+def test_ddp_budget_failure_stops_every_rank(tmp_path, record):
+    proc, results = _run(tmp_path, {"disk_budget": 100, "on_exceed": "abort"})
+    assert [results[r]["outcome"] for r in ("0", "1")] == ["BudgetExceededError"] * 2, proc.stderr[-3000:]
+    assert not (tmp_path / "s").exists()
+    record(outcomes=[results[r]["outcome"] for r in ("0", "1")], files=0)
+
+
+def test_ddp_downsample_decision_reaches_every_rank(tmp_path, record):
+    budget = series_bytes(SnapshotLayout(50, 8, "bfloat16"), 6, 2)
+    proc, results = _run(tmp_path, {"disk_budget": budget})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [results[r]["every"] for r in ("0", "1")] == [2, 2]
+    assert SnapshotReader(tmp_path / "s").steps == [2, 4, 6]
+    record(intervals=[results[r]["every"] for r in ("0", "1")], steps=[2, 4, 6])
+
+
+FAILING_PLAN = DEFAULT_PRELUDE + """
+import budget_callback.lightning.session as session
+def broken_plan(*args, **kwargs):
+    raise KeyError("a fault nobody listed")
+session.plan_fit = broken_plan
+"""
+
+
+def test_any_error_in_the_fit_start_decision_reaches_every_rank(tmp_path, record):
+    """Not only ValueError: rank 0 raises its own error, rank 1 a clear one naming it; nobody hangs."""
+    proc, results = _run(tmp_path, {}, prelude=FAILING_PLAN)
+    assert results["0"]["outcome"] == "KeyError" and "a fault nobody listed" in results["0"]["message"]
+    assert results["1"]["outcome"] == "RuntimeError"
+    assert "rank 0 failed with KeyError: 'a fault nobody listed'" in results["1"]["message"]
+    assert not (tmp_path / "s").exists()
+    record(rank0=results["0"]["outcome"], rank1=results["1"]["outcome"])
+
+
+def test_ddp_spawn_main_process_reports_rank_zeros_figures(tmp_path, record):
+    proc, results = _run(tmp_path, {"save_every_n_steps": 2}, strategy='"ddp_spawn"', spawn=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    main = results["main"]
+    on_disk = sum(os.path.getsize(p) for p in (tmp_path / "s").glob("*.safetensors"))
+    assert main["outcome"] == "ok" and main["every"] == 2 and main["decision"] == "fits"
+    assert main["bytes_written"] == main["projected_bytes"] == on_disk > 0
+    record(main_process=dict(bytes_written=main["bytes_written"], projected=main["projected_bytes"]))
+
+
+SHARDED = """
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.fsdp import fully_shard
+
+class Sharded(TinyLM):
+    def configure_model(self):
+        for block in self.model.blocks:
+            fully_shard(block)
+        fully_shard(self.model)
+
+class FullW(L.Callback):
+    seen = {}
+    def on_train_batch_end(self, trainer, module, *args):
+        w = module.model.lm_head.weight
+        full = w.full_tensor()  # every rank gathers; rank 0 keeps it
+        if trainer.is_global_zero:
+            FullW.seen[trainer.global_step] = full.clone()
+            FullW.local = tuple(w.to_local().shape)
+
+def make_module():
+    return Sharded()
+def extra_callbacks():
+    return [FullW()]
+def report(trainer, cb):
+    if not trainer.is_global_zero or cb.forecast is None:
+        return {}
+    torch.save(FullW.seen, os.path.join(os.path.dirname(cb.snapshot_dir), "full_w.pt"))
+    return {"local_shape": FullW.local, "capture": cb.forecast.memory["phases"]["snapshot_capture"]["other"],
+            "strategy": cb.forecast.inputs.setup.strategy}
+"""
+
+
+def test_fully_sharded_w_is_gathered_and_equals_the_full_matrix(tmp_path, record):
+    """ModelParallelStrategy + fully_shard (FSDP2, W a DTensor), 2 CPU processes with gloo."""
+    proc, results = _run(tmp_path, {"snapshot_dtype": "float32"},
+                         strategy="ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)",
+                         prelude=SHARDED)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = results["0"]
+    assert r0["outcome"] == results["1"]["outcome"] == "ok"
+    assert r0["local_shape"] == [25, 8]  # each rank holds half of W's rows
+    full = torch.load(tmp_path / "full_w.pt")
+    reader = SnapshotReader(tmp_path / "s")
+    assert reader.steps == [1, 2, 3, 4, 5, 6]
+    for step in reader.steps:
+        assert torch.equal(reader.load(step), full[step])  # bit for bit
+    assert r0["strategy"] == "fsdp" and r0["capture"] >= 50 * 8 * 4  # the gathered fp32 W is in the forecast
+    assert r0["bytes_written"] == r0["projected_bytes"]
+    record(local_shape=r0["local_shape"], steps=reader.steps, capture_bytes=r0["capture"])

@@ -1,0 +1,98 @@
+"""The directory: the lock, reading what is there without trusting it, and planned-then-applied resume edits."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from budget_callback.errors import SnapshotDirInUseError
+from budget_callback.snapshots.directory import (BadFile, DirectoryLock, apply_edits, clean_temporaries, plan_truncation,
+                                                 read_snapshot_file, scan)
+from budget_callback.snapshots.format import LOCK_FILE, SnapshotLayout
+from helpers import write_series
+
+LAYOUT = SnapshotLayout(6, 2, "float32")
+
+
+def test_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
+    first = DirectoryLock(tmp_path / "s")
+    first.acquire(run="run-a")
+    holder = json.loads((tmp_path / "s" / LOCK_FILE).read_text())
+    assert holder["pid"] == os.getpid()
+    with pytest.raises(SnapshotDirInUseError, match=rf"in use by another fit \(pid {os.getpid()} on "):
+        DirectoryLock(tmp_path / "s").acquire()
+    first.release()
+    assert not (tmp_path / "s").exists()  # it created the directory and left nothing in it
+    second = DirectoryLock(tmp_path / "s")
+    second.acquire()
+    second.release()
+
+
+def test_lock_is_held_against_another_process(tmp_path):
+    """A real second process: flock is per open file, so the refusal is what another fit would see."""
+    holder = DirectoryLock(tmp_path)
+    holder.acquire()
+    code = textwrap.dedent(f"""
+        from budget_callback.snapshots.directory import DirectoryLock
+        try:
+            DirectoryLock({str(tmp_path)!r}).acquire()
+        except Exception as err:
+            print(type(err).__name__, err)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    holder.release()
+    assert out.startswith("SnapshotDirInUseError") and f"pid {os.getpid()}" in out
+    assert os.listdir(tmp_path) == []
+
+
+def test_scan_sorts_out_valid_bad_foreign_and_temporaries(tmp_path):
+    write_series(tmp_path, LAYOUT, range(1, 4))
+    good = (tmp_path / "step_000000002.safetensors").read_bytes()
+    (tmp_path / "step_000000009.safetensors").write_bytes(good[: len(good) - 5])  # truncated
+    (tmp_path / "step_000000010.safetensors").write_bytes(b"\xff" * 8 + b"junk")  # absurd header length
+    (tmp_path / "step_000000011.safetensors").write_bytes(b"abc")  # shorter than the length field
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "notes.safetensors"))  # someone else's file
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "step_000000012.safetensors"))  # not ours, our name
+    (tmp_path / ".tmpAbC123").write_bytes(b"safetensors' own temporary")
+    (tmp_path / ".step_000000013.safetensors.tmp-77").write_bytes(b"ours")
+    found = scan(tmp_path)
+    assert [f.first_step for f in found.files] == [1, 2, 3]
+    reasons = {b.path.name: b.reason for b in found.bad}
+    assert "truncated" in reasons["step_000000009.safetensors"]
+    assert "does not fit" in reasons["step_000000010.safetensors"]
+    assert "shorter than" in reasons["step_000000011.safetensors"]
+    assert "not a budget-callback snapshot" in reasons["step_000000012.safetensors"]
+    assert [p.name for p in found.foreign] == ["notes.safetensors"]
+    assert sorted(clean_temporaries(found)) == [".step_000000013.safetensors.tmp-77", ".tmpAbC123"]
+    assert found.run_id == "test-run"
+
+
+def test_read_snapshot_file_checks_metadata_against_the_name(tmp_path):
+    write_series(tmp_path, LAYOUT, [1])
+    os.rename(tmp_path / "step_000000001.safetensors", tmp_path / "step_000000005.safetensors")
+    parsed = read_snapshot_file(tmp_path / "step_000000005.safetensors")
+    assert isinstance(parsed, BadFile) and "do not match the file name" in parsed.reason
+
+
+def test_truncation_is_planned_then_applied(tmp_path):
+    layout = SnapshotLayout(6, 2, "float32", 4)
+    series, _ = write_series(tmp_path, layout, range(1, 11))  # files 1-4, 5-8, 9-10
+    found = scan(tmp_path)
+    edits = plan_truncation(found, 6)
+    assert [(e.path.name, e.keep) for e in edits] == [("step_000000005.safetensors", 2),
+                                                     ("step_000000009.safetensors", 0)]
+    assert len(os.listdir(tmp_path)) == 4  # planning touched nothing
+    apply_edits(edits, found, layout)
+    after = scan(tmp_path)
+    assert [f.steps for f in after.files] == [(1, 2, 3, 4), (5, 6)]
+    cut = after.files[1]
+    assert cut.size == layout.file_bytes_for([5, 6], 1)
+    from safetensors import safe_open
+
+    with safe_open(str(cut.path), framework="pt") as fh:
+        assert torch.equal(fh.get_tensor("unembedding")[1], torch.full((6, 2), 6.0))
