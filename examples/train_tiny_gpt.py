@@ -97,15 +97,23 @@ def main(argv=None) -> int:
         enable_model_summary=False,
         default_root_dir=str(out),
     )
+    logger = trainer.logger
     trainer.fit(TinyGPT(args.seq_len), loader)
+    run_file = None
     if not args.no_wandb:
         import wandb
 
+        run_dir = Path(logger.experiment.dir).parent
         wandb.finish()  # flush the offline run before the final lines
+        run_file = next(run_dir.glob("run-*.wandb"), None)
     projected, actual = budget.projected_bytes, budget.bytes_written
     print(f"\nProjected vs actual: {len(SnapshotReader(budget.snapshot_dir))} snapshots every "
           f"{budget.save_every_n_steps} step(s) in {budget.snapshot_dir}")
     print(f"  projected {projected:,} B   actual {actual:,} B   difference {actual - projected:+,} B")
+    if run_file is not None:
+        forecast, size = budget.forecast.wandb["run_file_bytes"], run_file.stat().st_size
+        print(f"  W&B run file: forecast {forecast:,} B (console output {budget.forecast.wandb['console_bytes']:,} B), "
+              f"actual {size:,} B ({(forecast - size) / size:+.1%})")
     print(f"  read them: python examples/token_dynamics.py --snapshots {budget.snapshot_dir}")
     return 0
 

@@ -1,6 +1,7 @@
 """The examples as a new user runs them (real subprocesses, W&B offline)."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,9 @@ def test_train_tiny_gpt_then_token_dynamics(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = proc.stdout + proc.stderr
     assert "budget-callback forecast" in text and "difference +0 B" in text
+    forecast, actual = (int(x.replace(",", "")) for x in
+                        re.search(r"W&B run file: forecast ([\d,]+) B .* actual ([\d,]+) B", text).groups())
+    assert abs(forecast - actual) / actual < 0.20  # the progress bar W&B captures is in the forecast
     assert len([p for p in os.listdir(out / "snapshots") if p.endswith(".safetensors")]) == 12
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     proc = _run([str(ROOT / "examples" / "token_dynamics.py"), "--snapshots", str(out / "snapshots")], tmp_path)

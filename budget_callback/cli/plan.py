@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--strategy", choices=STRATEGIES, default="ddp")
     run.add_argument("--flash-attention", action=argparse.BooleanOptionalAction, default=True)
     run.add_argument("--activation-checkpointing", action="store_true")
+    run.add_argument("--keep-logits", action="store_true",
+                     help="the training step holds the logits through backward (nanoGPT's train.py does)")
     run.add_argument("--gpu", choices=list(GPUS), metavar="NAME", help="one of: " + ", ".join(GPUS))
     run.add_argument("--mfu", type=_fraction, default=DEFAULT_MFU, help=f"assumed utilisation (default {DEFAULT_MFU})")
     snap = p.add_argument_group("snapshots")
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             shape=shape,
             setup=TrainSetup(args.batch_size, args.seq_len, args.grad_accum, args.devices, args.num_nodes, args.precision,
                              args.optimizer, args.momentum, args.optimizer_impl, args.strategy, args.flash_attention,
-                             args.activation_checkpointing),
+                             args.activation_checkpointing, args.keep_logits),
             steps=args.steps,
             snapshot=SnapshotSpec(args.save_every, args.snapshot_dtype, args.snapshots_per_file, args.include_embedding),
             logging=LoggingSpec(args.log_every_n_steps, args.train_metrics, args.eval_every, args.eval_metrics,

@@ -17,7 +17,8 @@ from . import flops as F
 from .budgets import POLICIES, Verdict
 from .checkpoint import checkpoint_bytes
 from .gpus import gpu as lookup_gpu
-from .memory import TrainSetup, activation_bytes, max_batch_size, min_devices, peak_memory
+from .memory import (TrainSetup, activation_bytes, max_batch_size, max_batch_size_traced, min_devices,
+                     min_devices_traced, peak_memory)
 from .params import count_params
 from .shapes import ModelShape
 from .wandb_usage import LoggingSpec, wandb_usage
@@ -68,6 +69,7 @@ class PlanInputs:
     steps_per_batch: int = 1  # optimizer steps per batch (manual optimization with several optimizers)
     resume: dict | None = None  # the series' schedule state when resuming (see snapshots.schedule)
     capture_device_bytes: int | None = None  # accelerator bytes a snapshot needs; None: derived for a GPU run
+    strategy_name: str | None = None  # the strategy as the Trainer has it (for the report), e.g. "SingleDevice"
 
     def __post_init__(self) -> None:
         positive_int("steps", self.steps)
@@ -121,6 +123,7 @@ class Forecast:
     save_every_n_steps: int
     decision: str  # "fits" | "downsampled" | "abort" | "warn"
     notes: list[str] = field(default_factory=list)
+    model: dict | None = None  # a module with no declared shape: what was found in it (else the shape)
 
     @property
     def fits(self) -> bool:
@@ -129,9 +132,11 @@ class Forecast:
     def to_dict(self) -> dict:
         i = self.inputs
         return {
-            "model": i.shape.to_dict(),
+            "model": dict(self.model) if self.model is not None else {**i.shape.to_dict(), "declared": True},
             "run": {
                 **i.setup.to_dict(),
+                "strategy_name": i.strategy_name,
+                "steps_per_batch": i.steps_per_batch,
                 "steps": i.steps,
                 "seq_len": i.setup.seq(i.shape),
                 "snapshot": vars(i.snapshot).copy(),
@@ -197,6 +202,9 @@ class Measured:
     memory: dict | None = None  # peak_memory()-shaped dict from a traced step; None: analytic
     train_flops_per_sequence: int | None = None  # forward + backward FLOPs of one sequence, traced
     method: str = "analytic transformer"
+    trace: dict | None = None  # the traced step's byte figures (tracing.trace_training_step_memory)
+    trace_per_sample: dict | None = None  # their slope per sample of the micro-batch (two traces)
+    model: dict | None = None  # what was found in a module that declares no shape (name, counts, layers, tied)
 
 
 def forecast(inputs: PlanInputs, measured: Measured | None = None, free_disk_bytes: int | None = None) -> Forecast:
@@ -225,6 +233,14 @@ def forecast(inputs: PlanInputs, measured: Measured | None = None, free_disk_byt
         mem["activations"] = {"total": mem["phases"]["forward_backward"]["activations"]}
         mem["activations_method"] = measured.method
         mem["max_batch_size"] = mem["min_devices"] = None
+        if measured.trace is not None:
+            mem["trace"] = {k: v for k, v in measured.trace.items() if isinstance(v, int)}
+            mem["trace_per_sample"] = measured.trace_per_sample
+        if budget_memory and measured.trace is not None:
+            if measured.trace_per_sample is not None:
+                mem["max_batch_size"] = max_batch_size_traced(measured.trace, measured.trace_per_sample,
+                                                              setup.micro_batch_size, setup, budget_memory, capture)
+            mem["min_devices"] = min_devices_traced(measured.trace, setup, budget_memory, capture)
     else:
         mem = peak_memory(shape, setup, n, capture_bytes=capture)
         mem["activations"] = activation_bytes(shape, setup)
@@ -266,7 +282,7 @@ def forecast(inputs: PlanInputs, measured: Measured | None = None, free_disk_byt
     start = inputs.schedule()  # a resumed series keeps the interval it already uses
     current = start.interval
     storage = _storage(inputs, current, n, n_tensors, entries)
-    usage = wandb_usage(inputs.logging, inputs.steps, storage["checkpoint_bytes"])
+    usage = wandb_usage(inputs.logging, inputs.steps, storage["checkpoint_bytes"], time["train_seconds"])
     budgets = inputs.budgets
     disk_budget = budgets.disk_bytes if budgets.disk_bytes is not None else free_disk_bytes
     verdicts = {
@@ -292,8 +308,9 @@ def forecast(inputs: PlanInputs, measured: Measured | None = None, free_disk_byt
     if not all(v.fits for v in verdicts.values()):
         decision = "warn" if budgets.on_exceed == "warn" else "abort"
     if traced:
-        notes.append(f"activations and FLOPs from a traced training step ({measured.method})")
-    return Forecast(inputs, params, mem, flops, time, storage, usage, verdicts, every, decision, notes)
+        notes.append(f"activations and FLOPs: {measured.method}")
+    model = measured.model if measured is not None else None
+    return Forecast(inputs, params, mem, flops, time, storage, usage, verdicts, every, decision, notes, model)
 
 
 def _tensor_count(shape: ModelShape) -> int:

@@ -45,6 +45,7 @@ class TrainSetup:
     optimizer_impl: str = "foreach"  # "foreach" (torch's CUDA default) | "fused" | "for-loop"
     strategy: str = "ddp"
     flash_attention: bool = True
+    keep_logits: bool = False  # the training step holds the logits through backward (nanoGPT's train.py does)
     activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -80,8 +81,8 @@ def layer_activation_bytes(shape: ModelShape, batch: int, seq: int, prec: Precis
         "attention/norm_input": r * BT * shape.d_model + stats,
         "attention/qkv_input": a * BT * shape.d_model,
         "attention/q_k_v": a * BT * (shape.q_dim + 2 * shape.kv_dim),
-        "attention/output": a * BT * shape.q_dim + FP32 * batch * shape.n_head * seq,  # out + logsumexp
-        "attention/proj_input": a * BT * shape.q_dim,
+        # the projection's input; with flash attention also SDPA's saved output (the same storage) + logsumexp
+        "attention/output": a * BT * shape.q_dim + (FP32 * batch * shape.n_head * seq if flash else 0),
         "mlp/norm_input": r * BT * shape.d_model + stats,
         "mlp/fc_input": a * BT * shape.d_model,
     }
@@ -98,8 +99,10 @@ def layer_activation_bytes(shape: ModelShape, batch: int, seq: int, prec: Precis
     return out
 
 
-def head_activation_bytes(shape: ModelShape, batch: int, seq: int, prec: Precision) -> dict[str, int]:
-    """Final norm, head input and the logits' peak (cross-entropy backward)."""
+def head_activation_bytes(shape: ModelShape, batch: int, seq: int, prec: Precision,
+                          keep_logits: bool = False) -> dict[str, int]:
+    """Final norm, head input and the logits' peak (cross-entropy backward); ``keep_logits``: the training
+    code holds the logits through backward (nanoGPT's ``logits, loss = model(X, Y)``)."""
     BT = batch * seq
     a, r = prec.compute_bytes, prec.residual_bytes
     loss_bytes = FP32 if prec.autocast or prec.param_bytes == FP32 else a
@@ -108,6 +111,7 @@ def head_activation_bytes(shape: ModelShape, batch: int, seq: int, prec: Precisi
         "head_input": a * BT * shape.d_model,
         # log-probs saved by log_softmax, d(log-probs) from nll_loss, d(logits) from log_softmax
         "logits_and_grads": 3 * loss_bytes * BT * shape.vocab_size,
+        "logits_kept": a * BT * shape.vocab_size if keep_logits else 0,
     }
     out["total"] = sum(out.values())
     return out
@@ -119,17 +123,16 @@ def activation_bytes(shape: ModelShape, setup: TrainSetup, batch: int | None = N
     T = setup.seq(shape)
     prec = setup.prec
     layer = layer_activation_bytes(shape, B, T, prec, setup.flash_attention)["total"]
-    head = head_activation_bytes(shape, B, T, prec)
+    head = head_activation_bytes(shape, B, T, prec, setup.keep_logits)
     if setup.activation_checkpointing:
-        # each block keeps only its input; one block is recomputed at a time
+        # each block keeps only its input (the first one's is the embedding output); one is recomputed at a time
         layers = shape.n_layer * prec.residual_bytes * B * T * shape.d_model + layer
     else:
         layers = shape.n_layer * layer
-    out = {
-        "embeddings": prec.residual_bytes * B * T * shape.d_model,
+    out = {  # the embedding output is the first block's norm input: counted there, once
         "layers": layers,
         "head": head["final_norm_input"] + head["head_input"],
-        "logits": head["logits_and_grads"],
+        "logits": head["logits_and_grads"] + head["logits_kept"],
     }
     out["total"] = sum(out.values())
     return out
@@ -242,12 +245,8 @@ def peak_memory(shape: ModelShape, setup: TrainSetup, n_params: int | None = Non
     return _at_peak(memory_phases(shape, setup, n_params, batch, activations_total, capture_bytes))
 
 
-def max_batch_size(shape: ModelShape, setup: TrainSetup, budget_bytes: int, n_params: int | None = None,
-                   limit: int = 1 << 20, capture_bytes: int = 0) -> int | None:
-    """Largest micro-batch whose peak fits ``budget_bytes``; ``None`` if not even 1 fits."""
-    def fits(b: int) -> bool:
-        return peak_memory(shape, setup, n_params, batch=b, capture_bytes=capture_bytes)["peak_bytes"] <= budget_bytes
-
+def _largest(fits, limit: int) -> int | None:
+    """Largest n in [1, limit] with fits(n) (monotone); None if not even 1 fits."""
     if not fits(1):
         return None
     lo, hi = 1, 2
@@ -258,6 +257,29 @@ def max_batch_size(shape: ModelShape, setup: TrainSetup, budget_bytes: int, n_pa
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
+
+
+def _fewest(fits, strategy: str, limit: int) -> int | None:
+    """Fewest n in [1, limit] with fits(n) (monotone); under DDP more devices never help."""
+    if fits(1):
+        return 1
+    if strategy == "ddp" or not fits(limit):
+        return None
+    lo, hi = 1, 2
+    while not fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
+
+
+def max_batch_size(shape: ModelShape, setup: TrainSetup, budget_bytes: int, n_params: int | None = None,
+                   limit: int = 1 << 20, capture_bytes: int = 0) -> int | None:
+    """Largest micro-batch whose peak fits ``budget_bytes``; ``None`` if not even 1 fits."""
+    def fits(b: int) -> bool:
+        return peak_memory(shape, setup, n_params, batch=b, capture_bytes=capture_bytes)["peak_bytes"] <= budget_bytes
+    return _largest(fits, limit)
 
 
 def min_devices(shape: ModelShape, setup: TrainSetup, budget_bytes: int, n_params: int | None = None,
@@ -271,18 +293,7 @@ def min_devices(shape: ModelShape, setup: TrainSetup, budget_bytes: int, n_param
     def fits(world: int) -> bool:
         trial = replace(setup, devices=world, num_nodes=1)
         return peak_memory(shape, trial, n_params, capture_bytes=capture_bytes)["peak_bytes"] <= budget_bytes
-
-    if fits(1):
-        return 1
-    if setup.strategy == "ddp" or not fits(limit):
-        return None
-    lo, hi = 1, 2
-    while not fits(hi):
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-    return hi
+    return _fewest(fits, setup.strategy, limit)
 
 
 def peak_memory_from_trace(trace: dict, setup: TrainSetup, capture_bytes: int = 0) -> dict:
@@ -305,3 +316,28 @@ def peak_memory_from_trace(trace: dict, setup: TrainSetup, capture_bytes: int = 
     step_temporaries = max(0, trace["optimizer_peak_bytes"] - persistent - trace["gradients_bytes"]) // shard
     step = {"params": params, "gradients": grads, "optimizer": opt + step_temporaries, "activations": 0, "other": buckets}
     return _at_peak(_phases(fb, step, opt, capture_bytes))
+
+
+def trace_at_batch(trace: dict, per_sample: dict[str, int], batch_from: int, batch: int) -> dict:
+    """A traced step at another micro-batch: every byte figure moves by its per-sample slope."""
+    return {k: v + per_sample.get(k, 0) * (batch - batch_from) if isinstance(v, int) else v for k, v in trace.items()}
+
+
+def max_batch_size_traced(trace: dict, per_sample: dict[str, int], batch_from: int, setup: TrainSetup,
+                          budget_bytes: int, capture_bytes: int = 0, limit: int = 1 << 20) -> int | None:
+    """Largest micro-batch whose traced peak fits ``budget_bytes`` (activations linear in the batch)."""
+    def fits(b: int) -> bool:
+        return peak_memory_from_trace(trace_at_batch(trace, per_sample, batch_from, b), setup,
+                                      capture_bytes)["peak_bytes"] <= budget_bytes
+    return _largest(fits, limit)
+
+
+def min_devices_traced(trace: dict, setup: TrainSetup, budget_bytes: int, capture_bytes: int = 0,
+                       limit: int = 65_536) -> int | None:
+    """Fewest devices of ``budget_bytes`` each that fit the traced step under the strategy."""
+    from dataclasses import replace
+
+    def fits(world: int) -> bool:
+        trial = replace(setup, devices=world, num_nodes=1)
+        return peak_memory_from_trace(trace, trial, capture_bytes)["peak_bytes"] <= budget_bytes
+    return _fewest(fits, setup.strategy, limit)

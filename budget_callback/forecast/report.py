@@ -6,6 +6,9 @@ from .engine import Forecast
 from ..units import format_bytes, format_count, format_seconds
 
 
+REPORT_TITLE = "budget-callback forecast"
+
+
 def _table(title: str, rows: list[tuple[str, str]], note: str = "") -> list[str]:
     width = max([len(k) for k, _ in rows] + [24])
     lines = [title + (f"  ({note})" if note else "")]
@@ -21,13 +24,22 @@ def _bytes_rows(parts: dict, keys: list[str] | None = None) -> list[tuple[str, s
 def render(f: Forecast) -> str:
     i, s = f.inputs, f.inputs.shape
     setup = i.setup
-    head = (f"{s.name}: V={s.vocab_size:,} D={s.d_model:,} L={s.n_layer} H={s.n_head}"
-            f"{f' KV={s.kv_heads}' if s.kv_heads != s.n_head else ''}, T={setup.seq(s):,}; "
-            f"{i.steps:,} steps, micro-batch {setup.micro_batch_size} x accum {setup.grad_accum} x "
-            f"{setup.world_size} device(s), {setup.precision}, {setup.optimizer}, {setup.strategy}")
+    strategy = setup.strategy if i.strategy_name is None else f"{i.strategy_name} (forecast as {setup.strategy})"
+    run = (f"T={setup.seq(s):,}; {i.steps:,} steps, micro-batch {setup.micro_batch_size} x accum {setup.grad_accum} x "
+           f"{setup.world_size} device(s), {setup.precision}, {setup.optimizer}, {strategy}")
+    m = f.model
+    if m is None:  # a declared shape: its architecture
+        head = (f"{s.name}: V={s.vocab_size:,} D={s.d_model:,} L={s.n_layer} H={s.n_head}"
+                f"{f' KV={s.kv_heads}' if s.kv_heads != s.n_head else ''}, {run}")
+        tied = "tied weights once" if s.tied else "untied head"
+    else:  # a traced module: what was found in it
+        layers = f", {m['layers']} layers" if m.get("layers") else ""
+        head = (f"{m['name']} (traced): {m['parameters']:,} parameters in {m['tensors']} tensors{layers}, "
+                f"W {m['vocab_size']:,} x {m['hidden_dim']:,} {'tied to E' if m['tied'] else 'untied'}; {run}")
+        tied = "shared tensors once"
     out = [head, ""]
     out += _table("Parameters", [(k, f"{v:,}") for k, v in f.params.items() if k != "total"]
-                  + [("total", f"{f.params['total']:,}")], format_count(f.params["total"]) + ", tied weights once")
+                  + [("total", f"{f.params['total']:,}")], format_count(f.params["total"]) + ", " + tied)
     m = f.memory
     phase = m["phases"][m["peak_phase"]]
     out += _table(f"Memory per device at the peak ({m['peak_phase'].replace('_', ' ')})",

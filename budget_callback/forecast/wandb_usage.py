@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..validate import one_of, positive_int
+from .console import ConsoleSpec
 
 # Measured on offline runs (wandb 0.31.0, WandbLogger.log_metrics, 15-character keys, full-precision
 # floats): each logged row costs ~303 B (``_step``, ``_runtime``, ``_timestamp``,
@@ -22,6 +23,9 @@ RUN_FILE_BYTES_PER_ROW = 303
 RUN_FILE_BYTES_PER_POINT = 84
 # Scalars BudgetCallback logs per row: disk projected/actual, interval, back-pressure, dropped, failed,
 # events, step time; on a GPU also memory projected/actual and MFU, MFU projected, step time projected.
+# System metrics W&B samples while a run lives: one ~455 B `stats` record every ~15 s (offline runs of
+# 207 / 291 / 405 s wrote 6,356 / 9,151 / 12,454 B; BENCHMARKS.md 2e). Counted when the run time is forecast.
+SYSTEM_METRICS_BYTES_PER_SECOND = 455 / 15
 CALLBACK_METRICS = 8
 CALLBACK_METRICS_ACCELERATOR = 13
 LOG_MODEL_CHOICES = ("none", "last", "all")
@@ -39,6 +43,7 @@ class LoggingSpec:
     checkpoint_every_n_steps: int | None = None  # None: no checkpoints
     keep_checkpoints: int = 1  # ModelCheckpoint(save_top_k=...) files on disk at once
     log_model: str = "none"  # WandbLogger(log_model=...): "none" (False), "last" (True), "all"
+    console: ConsoleSpec | None = ConsoleSpec()  # what the run prints (W&B captures it); None: not captured
 
     def __post_init__(self) -> None:
         positive_int("log_every_n_steps", self.log_every_n_steps)
@@ -57,25 +62,34 @@ class LoggingSpec:
         return min(self.keep_checkpoints, self.checkpoints_written(steps))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "console": self.console.to_dict() if self.console is not None else None}
 
 
-def wandb_usage(spec: LoggingSpec, steps: int, checkpoint_bytes: int) -> dict[str, int]:
+def wandb_usage(spec: LoggingSpec, steps: int, checkpoint_bytes: int, run_seconds: float | None = None
+                ) -> dict[str, int]:
     """Metric points and bytes a run sends to W&B (itemised; bytes parts sum to ``total_bytes``).
 
     Every train row also carries ``epoch`` (Lightning adds it), counted as a
-    point; ``trainer/global_step`` is part of the per-row cost.
+    point; ``trainer/global_step`` is part of the per-row cost. The run file
+    also holds the console output W&B captures (the progress bar is most of it:
+    :mod:`.console`) and, when the run time is known, its system metrics.
     """
     train_rows = steps // spec.log_every_n_steps
     eval_rows = steps // spec.eval_every_n_steps if spec.eval_every_n_steps else 0
     points = train_rows * (spec.train_metrics + spec.budget_metrics + 1) + eval_rows * (spec.eval_metrics + 1)
     rows = train_rows + eval_rows
-    run_file = RUN_FILE_FIXED_BYTES + rows * RUN_FILE_BYTES_PER_ROW + points * RUN_FILE_BYTES_PER_POINT
+    console = spec.console.output_bytes(steps)["total"] if spec.console is not None else 0
+    system = int(run_seconds * SYSTEM_METRICS_BYTES_PER_SECOND) if run_seconds else 0
+    metrics = RUN_FILE_FIXED_BYTES + rows * RUN_FILE_BYTES_PER_ROW + points * RUN_FILE_BYTES_PER_POINT
+    run_file = metrics + console + system
     uploads = {"none": 0, "last": spec.checkpoints_kept(steps), "all": spec.checkpoints_written(steps)}[spec.log_model]
     artifact = uploads * checkpoint_bytes
     return {
         "metric_points": points,
         "rows": rows,
+        "metrics_bytes": metrics,
+        "console_bytes": console,
+        "system_metrics_bytes": system,
         "run_file_bytes": run_file,
         "artifact_bytes": artifact,
         "artifact_staging_bytes": artifact,  # W&B stages a local copy of every logged checkpoint

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from torch import nn
 
 from ..forecast.memory import TrainSetup
 from ..forecast.shapes import ModelShape
+from ..forecast.console import END_LINE_CHARS, ConsoleSpec
 from ..forecast.wandb_usage import LoggingSpec
 
 
@@ -139,7 +141,8 @@ def train_setup(trainer: pl.Trainer, batch: int, seq_len: int | None, optimizer:
     )
 
 
-def logging_spec(trainer: pl.Trainer, steps: int, budget_metrics: int) -> tuple[LoggingSpec, list[Path]]:
+def logging_spec(trainer: pl.Trainer, steps: int, budget_metrics: int, console: ConsoleSpec | None = None
+                 ) -> tuple[LoggingSpec, list[Path]]:
     """Logging cadence, checkpoint cadence and where checkpoints go."""
     every, keep, dirs = None, 1, []
     for cb in trainer.checkpoint_callbacks:
@@ -164,8 +167,47 @@ def logging_spec(trainer: pl.Trainer, steps: int, budget_metrics: int) -> tuple[
         elif value:
             log_model = "last"
     spec = LoggingSpec(log_every_n_steps=max(1, int(trainer.log_every_n_steps)), checkpoint_every_n_steps=every,
-                       keep_checkpoints=keep, log_model=log_model, budget_metrics=budget_metrics)
+                       keep_checkpoints=keep, log_model=log_model, budget_metrics=budget_metrics, console=console)
     return spec, dirs
+
+
+def console_spec(trainer: pl.Trainer, module: nn.Module, report_chars: int, cuda: bool) -> ConsoleSpec:
+    """What the run will print, which W&B captures: the progress bar, the model summary, our report."""
+    from lightning.pytorch.callbacks import ModelSummary
+    from lightning.pytorch.utilities.model_summary import ModelSummary as Summary
+
+    bar = trainer.progress_bar_callback
+    enabled = bar is not None and bar.is_enabled
+    refresh = int(getattr(bar, "refresh_rate", 1) or 0) if enabled else 0
+    console = "auto"
+    from .wandb_panels import wandb_loggers
+
+    for logger in wandb_loggers(trainer.loggers):
+        try:
+            console = str(logger.experiment.settings.console)
+        except Exception:  # noqa: BLE001 - best effort: the default is W&B's own
+            pass
+    summary = 0
+    for cb in trainer.callbacks:
+        if isinstance(cb, ModelSummary):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                summary = len(str(Summary(module, max_depth=getattr(cb, "_max_depth", 1)))) + 1
+    columns = None
+    if sys.stdout.isatty():
+        try:
+            columns = os.get_terminal_size(sys.stdout.fileno()).columns
+        except OSError:
+            columns = None
+    batches = trainer.num_training_batches if isinstance(trainer.num_training_batches, int) else None
+    val = sum(trainer.num_val_batches) if isinstance(trainer.num_val_batches, list) and all(
+        isinstance(n, int) for n in trainer.num_val_batches) else 0
+    return ConsoleSpec(progress_bar=enabled,
+                       refresh_rate=max(1, refresh), batches_per_epoch=batches or None, prog_bar_metrics=1,
+                       val_batches=val, sanity_batches=int(trainer.num_sanity_val_steps or 0),
+                       console=console if console in ("auto", "wrap", "wrap_raw", "off", "wrap_emu", "redirect")
+                       else "auto", terminal_columns=columns, model_summary_chars=summary,
+                       report_chars=report_chars, end_line_chars=END_LINE_CHARS, cuda=cuda)
 
 
 def same_file_system(a: Path, b: Path) -> bool:
@@ -276,3 +318,21 @@ def full_params(trainer: pl.Trainer, sharded: bool):
     if not any(isinstance(m, FSDP) for m in model.modules()):
         return None
     return lambda: FSDP.summon_full_params(model, writeback=False, rank0_only=True)
+
+
+def strategy_label(trainer: pl.Trainer) -> str:
+    """The strategy as the Trainer has it, for the report: ``SingleDeviceStrategy`` -> ``single device``."""
+    name = type(trainer.strategy).__name__.removesuffix("Strategy")
+    words = "".join(f" {c.lower()}" if c.isupper() and i and not name[i - 1].isupper() else c.lower()
+                    for i, c in enumerate(name)).strip()
+    return f"{words} x {trainer.world_size}" if trainer.world_size > 1 else words
+
+
+def describe_module(module: nn.Module, layout) -> dict:
+    """What a module that declares no shape is made of, as far as can be told without its code."""
+    counts = module_params(module)
+    layers = max((len(m) for m in module.modules() if isinstance(m, nn.ModuleList) and len(m)
+                  and len({type(c) for c in m}) == 1), default=None)
+    return {"name": type(module).__name__, "declared": False, "parameters": counts["total"],
+            "tensors": counts["tensors"], "layers": layers, "tied": layout.tied, "vocab_size": layout.vocab_size,
+            "hidden_dim": layout.hidden_dim}

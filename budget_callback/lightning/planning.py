@@ -6,12 +6,14 @@ No decision is acted on here; :mod:`.session` applies the forecast's decision.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import lightning.pytorch as pl
 import torch
 
+from ..forecast.console import REPORT_CHARS
 from ..forecast.engine import Budgets, Forecast, Measured, PlanInputs, SnapshotSpec, forecast
+from ..forecast.report import REPORT_TITLE, render
 from ..forecast.memory import peak_memory_from_trace
 from ..forecast.precision import optimizer_states_per_param
 from ..forecast.shapes import ModelShape
@@ -20,7 +22,7 @@ from ..snapshots.format import SnapshotLayout
 from . import inputs as R
 from .config import BudgetConfig
 from .locate import MatrixSource
-from .tracing import trace_training_step_memory
+from .tracing import resize_batch, trace_training_step_memory
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ def plan_fit(trainer: pl.Trainer, module: pl.LightningModule, config: BudgetConf
     declared = R.find_shape(module)
     memory_default, on_accelerator = R.memory_budget_default(module)
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    optimizer, momentum, impl, opt = R.optimizer_settings(trainer, on_accelerator)
+    optimizer, momentum, impl, _ = R.optimizer_settings(trainer, on_accelerator)
     dims = R.batch_dims(batch) or (1, None)
     layout = facts.layout
     shape = declared
@@ -64,8 +66,10 @@ def plan_fit(trainer: pl.Trainer, module: pl.LightningModule, config: BudgetConf
         shape = ModelShape(vocab_size=layout.vocab_size, d_model=layout.hidden_dim, n_layer=1, n_head=1,
                            n_ctx=dims[1] or 1, tied=layout.tied, name=type(module).__name__)
     setup = R.train_setup(trainer, dims[0], dims[1] or shape.n_ctx, optimizer, momentum, impl)
+    console = R.console_spec(trainer, module, REPORT_CHARS if config.verbose else 0,
+                             on_accelerator and device.type == "cuda")
     spec, ckpt_dirs = R.logging_spec(trainer, facts.final_step,
-                                     CALLBACK_METRICS_ACCELERATOR if on_accelerator else CALLBACK_METRICS)
+                                     CALLBACK_METRICS_ACCELERATOR if on_accelerator else CALLBACK_METRICS, console)
     shares = any(R.same_file_system(config.snapshot_dir, d) for d in ckpt_dirs) if ckpt_dirs else True
     inputs = PlanInputs(
         shape=shape, setup=setup, steps=facts.final_step,
@@ -75,14 +79,21 @@ def plan_fit(trainer: pl.Trainer, module: pl.LightningModule, config: BudgetConf
         budgets=Budgets(config.disk_budget, config.memory_budget or memory_default or None, config.wandb_budget,
                         config.on_exceed),
         checkpoints_share_disk=shares, gpu=R.gpu_table_name(device), steps_per_batch=facts.steps_per_batch,
-        resume=resume, capture_device_bytes=facts.capture_device_bytes,
+        resume=resume, capture_device_bytes=facts.capture_device_bytes, strategy_name=R.strategy_label(trainer),
     )
     n_params, n_tensors = R.module_counts(module)
-    memory, flops, method = None, None, "analytic transformer"
+    memory, flops, method, trace, per_sample, found = None, None, "analytic transformer", None, None, None
     if declared is None:
-        memory, flops, method = _trace(trainer, module, batch, setup, opt, on_accelerator, facts.capture_device_bytes)
-    measured = Measured(n_params, n_tensors, R.state_dict_entries(module), memory, flops, method)
+        memory, flops, method, trace, per_sample = _trace(trainer, module, batch, setup, on_accelerator,
+                                                          facts.capture_device_bytes)
+        found = R.describe_module(module, layout)
+    measured = Measured(n_params, n_tensors, R.state_dict_entries(module), memory, flops, method, trace, per_sample,
+                        found)
     result = forecast(inputs, measured, free_disk_bytes=free_disk_bytes)
+    if config.verbose:  # the report W&B will capture is this forecast's own: count its real length
+        exact = replace(console, report_chars=len(REPORT_TITLE) + 1 + len(render(result)))
+        inputs = replace(inputs, logging=replace(inputs.logging, console=exact))
+        result = forecast(inputs, measured, free_disk_bytes=free_disk_bytes)
     if resume is not None:
         result.notes.append(f"resumed at step {facts.start_step}: the series continues "
                             f"(save_every_n_steps={result.save_every_n_steps})")
@@ -92,25 +103,36 @@ def plan_fit(trainer: pl.Trainer, module: pl.LightningModule, config: BudgetConf
     return result
 
 
-def _trace(trainer, module, batch, setup, opt, on_accelerator: bool, capture: int):
-    """Trace one training step with fake tensors on the CPU fake device."""
+def _trace(trainer, module, batch, setup, on_accelerator: bool, capture: int):
+    """Trace one training step with fake tensors on the CPU fake device, at the run's micro-batch and at
+    another one: the difference is the per-sample slope (largest micro-batch that fits, fewest devices)."""
     autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(setup.precision)
     overrides = {"foreach": True} if on_accelerator and setup.optimizer_impl == "foreach" else None
-    try:
+    manual = not module.automatic_optimization
+    optimizers = list(trainer.optimizers) if manual else (trainer.optimizers[:1] or None)
+
+    def trace(b):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            trace = trace_training_step_memory(
-                module, batch, lambda m, b: m.training_step(b, 0), optimizer_cls=torch.optim.SGD,
-                optimizer_kwargs={"lr": 0.0}, optimizer=opt, optimizer_overrides=overrides, autocast_dtype=autocast,
-                skip=(trainer,))
+            return trace_training_step_memory(
+                module, b, lambda m, x: m.training_step(x, 0), optimizer_cls=torch.optim.SGD,
+                optimizer_kwargs={"lr": 0.0}, optimizer=optimizers, optimizer_overrides=overrides,
+                autocast_dtype=autocast, skip=(trainer,), manual=manual)
+    try:
+        first = trace(batch)
     except Exception as err:  # noqa: BLE001 - tracing is best effort; say so in the report
         note = f"not traced ({type(err).__name__}: {str(err)[:120]}); activations not counted"
-        return peak_memory_from_trace(_model_state_only(module, setup), setup, capture), None, note
-    memory = peak_memory_from_trace(trace, setup, capture)
-    per_sequence = trace["train_flops"] // max(1, setup.micro_batch_size)
-    return memory, per_sequence, "traced training step (fake tensors, cpu fake device)"
-
-
+        return peak_memory_from_trace(_model_state_only(module, setup), setup, capture), None, note, None, None
+    B = setup.micro_batch_size
+    other = 1 if B > 1 else 2
+    try:
+        second = trace(resize_batch(batch, B, other))
+        per_sample = {k: (v - second[k]) // (B - other) for k, v in first.items() if isinstance(v, int)}
+    except Exception:  # noqa: BLE001 - the step depends on the batch size: no slope, say so by its absence
+        per_sample = None
+    memory = peak_memory_from_trace(first, setup, capture)
+    per_sequence = first["train_flops"] // max(1, B)
+    return memory, per_sequence, "traced training step (fake tensors, cpu fake device)", first, per_sample
 def _model_state_only(module: torch.nn.Module, setup) -> dict:
     """A trace-shaped record with parameters, gradients and optimizer state only (when tracing failed)."""
     p = setup.prec.param_bytes

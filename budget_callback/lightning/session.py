@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from ..errors import BudgetExceededError
 from ..forecast import disk_guard
 from ..forecast.engine import Forecast
-from ..forecast.report import render
+from ..forecast.report import REPORT_TITLE, render
 from ..snapshots.format import MANIFEST, SnapshotLayout
 from ..snapshots.schedule import Schedule
 from ..snapshots.series import Series, SeriesPlan, prepare, restored_series
@@ -115,7 +115,7 @@ class FitSession:
         self.forecast = result = decide_on_rank_zero(strategy, decide)
         self.facts = facts
         if trainer.is_global_zero and self.config.verbose:
-            rank_zero_info("budget-callback forecast\n" + render(result))
+            rank_zero_info(REPORT_TITLE + "\n" + render(result))
         wandb = wandb_loggers(trainer.loggers) if trainer.is_global_zero else []
         log_forecast(wandb, result, logger_step(trainer))
         failed = [v.line() for v in result.verdicts.values() if not v.fits]

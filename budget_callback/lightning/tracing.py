@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils._pytree import tree_leaves, tree_map_only
 
-__all__ = ["trace_training_step_memory"]
+__all__ = ["rebuild_optimizer", "resize_batch", "trace_training_step_memory"]
 
 _PHASES = ("forward", "backward", "optimizer")
 
@@ -140,11 +140,12 @@ def rebuild_optimizer(optimizer: torch.optim.Optimizer, mapping: dict[int, Any],
                       overrides: dict[str, Any] | None = None) -> torch.optim.Optimizer:
     """The same optimizer class, every param group's hyperparameters, on other parameters.
 
-    ``mapping``: ``id(real parameter) -> its stand-in``. The groups carry the
-    hyperparameters (lr, betas, weight decay, fused, foreach, ...); the
-    constructor gets only the defaults its signature accepts, so internal
-    defaults a class adds itself (AdamW's ``decoupled_weight_decay`` in torch
-    2.13) and user subclasses with other arguments both work.
+    ``mapping``: ``id(real parameter) -> its stand-in``. The param groups carry
+    every hyperparameter (lr, betas, weight decay, fused, foreach, ...), so the
+    constructor is given only the arguments it requires; internal defaults a
+    class adds itself (AdamW's ``decoupled_weight_decay`` in torch 2.13) never
+    reach it, and a user subclass with its own arguments works. Public
+    attributes the instance set for itself are copied over.
     """
     groups = []
     for group in optimizer.param_groups:
@@ -154,10 +155,18 @@ def rebuild_optimizer(optimizer: torch.optim.Optimizer, mapping: dict[int, Any],
     if not groups:
         raise ValueError("the optimizer holds none of the module's parameters")
     cls = type(optimizer)
-    signature = inspect.signature(cls.__init__).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values())
-    defaults = {k: v for k, v in optimizer.defaults.items() if takes_any or k in signature}
-    return cls(groups, **defaults)
+    required = {}
+    for i, (name, p) in enumerate(inspect.signature(cls.__init__).parameters.items()):
+        if i < 2 or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is not p.empty:
+            continue  # self, params, *args, **kwargs, and anything with a default
+        if name not in optimizer.defaults:
+            raise TypeError(f"cannot rebuild {cls.__name__}: its argument {name!r} is required and not in defaults")
+        required[name] = optimizer.defaults[name]
+    rebuilt = cls(groups, **required)
+    for key, value in vars(optimizer).items():
+        if not key.startswith("_") and key not in ("state", "param_groups", "defaults") and key in vars(rebuilt):
+            setattr(rebuilt, key, value)
+    return rebuilt
 
 
 def _loss_tensor(out: Any) -> torch.Tensor:
@@ -174,8 +183,9 @@ def trace_training_step_memory(
     loss_fn: Callable[[nn.Module, Any], Any],
     optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
     optimizer_kwargs: dict[str, Any] | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer] | None = None,
     optimizer_overrides: dict[str, Any] | None = None,
+    manual: bool = False,
     autocast_dtype: torch.dtype | None = None,
     skip: tuple = (),
 ) -> dict[str, Any]:
@@ -199,6 +209,10 @@ def trace_training_step_memory(
         optimizer: the run's own optimizer, rebuilt on the fake parameters with every param group's
             hyperparameters (:func:`rebuild_optimizer`); replaces ``optimizer_cls`` and ``optimizer_kwargs``.
         optimizer_overrides: group settings to change in the rebuilt one (e.g. ``{"foreach": True}``).
+            A list of optimizers (manual optimization) is rebuilt one by one.
+        manual: ``loss_fn`` runs the whole step itself, Lightning's manual optimization: the module's
+            ``optimizers()`` give the rebuilt optimizers and ``manual_backward(loss)`` is ``loss.backward()``;
+            the peak of the whole step is the forward phase's.
         autocast_dtype: if given (``torch.bfloat16`` or ``torch.float16``), run forward and loss
             under ``torch.autocast("cpu", dtype=autocast_dtype)``.
         skip: objects the module refers to that the copy must not hold (a Trainer): they become None.
@@ -225,17 +239,22 @@ def trace_training_step_memory(
 
     with fake_mode:
         if optimizer is not None:
-            optimizer = rebuild_optimizer(optimizer, memo, optimizer_overrides)
+            given = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+            optimizers = [rebuild_optimizer(o, memo, optimizer_overrides) for o in given]
         else:
-            optimizer = optimizer_cls(params, **(optimizer_kwargs or {}))
+            optimizers = [optimizer_cls(params, **(optimizer_kwargs or {}))]
         # Step 1 creates the optimizer state (lazily, as on the first real step).
         for p in params:
             p.grad = torch.zeros_like(p)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for o in optimizers:
+            o.step()
+            o.zero_grad(set_to_none=True)
+    if manual:
+        _run_manually(fmodule, optimizers)
 
+    states = [list(o.state.values()) for o in optimizers]
     tracker = _LiveStorageTracker()
-    tracker.track((list(fmodule.parameters()), list(fmodule.buffers()), fbatch, list(optimizer.state.values())))
+    tracker.track((list(fmodule.parameters()), list(fmodule.buffers()), fbatch, states))
     tracker.reset_peak()
     autocast = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     counter = FlopCounterMode(display=False)
@@ -243,18 +262,23 @@ def trace_training_step_memory(
         tracker.set_phase("forward")
         with counter:
             with autocast:
-                loss = _loss_tensor(loss_fn(fmodule, fbatch))
-            tracker.set_phase("backward")
-            loss.backward()
-        del loss
-        tracker.set_phase("optimizer")
-        optimizer.step()
+                out = loss_fn(fmodule, fbatch)
+            if not manual:
+                loss = _loss_tensor(out)
+                tracker.set_phase("backward")
+                loss.backward()
+                del loss
+        del out
+        if not manual:
+            tracker.set_phase("optimizer")
+            for o in optimizers:
+                o.step()
 
     result = {
         "params_bytes": _storage_bytes(list(fmodule.parameters())),
         "buffers_bytes": _storage_bytes(list(fmodule.buffers())),
         "gradients_bytes": _storage_bytes([p.grad for p in params if p.grad is not None]),
-        "optimizer_state_bytes": _storage_bytes(list(optimizer.state.values())),
+        "optimizer_state_bytes": _storage_bytes(states),
         "batch_bytes": _storage_bytes(fbatch),
     }
     result["activations_bytes"] = tracker.peak_bytes - sum(result.values())
@@ -264,3 +288,22 @@ def trace_training_step_memory(
     result["peak_phase"] = tracker.peak_phase
     result["train_flops"] = int(counter.get_total_flops())
     return result
+
+
+def resize_batch(batch: Any, rows: int, new_rows: int) -> Any:
+    """The batch with ``new_rows`` samples: every tensor with ``rows`` rows becomes a ``meta`` tensor of
+    ``new_rows`` (tracing needs only shapes and dtypes)."""
+    def resize(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() >= 1 and t.shape[0] == rows:
+            return torch.empty((new_rows, *t.shape[1:]), dtype=t.dtype, device="meta")
+        return t
+    return tree_map_only(torch.Tensor, resize, batch)
+
+
+def _run_manually(module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
+    """Let a LightningModule's manual-optimization ``training_step`` run on the fake copy: its
+    ``optimizers()`` are the rebuilt ones, ``manual_backward`` is ``backward``, toggling does nothing."""
+    module.optimizers = lambda use_pl_optimizer=True: optimizers[0] if len(optimizers) == 1 else list(optimizers)
+    module.manual_backward = lambda loss, *args, **kwargs: loss.backward(*args, **kwargs)
+    module.toggle_optimizer = module.untoggle_optimizer = lambda *args, **kwargs: None
+    module.lr_schedulers = lambda: None

@@ -94,6 +94,8 @@ def test_human_report_lists_sections(capsys):
         (["--preset", "gpt2", "--seq-len", "2048"], "--seq-len"),
         (["--preset", "gpt2", "--save-every", "0"], "--save-every"),
         (["--preset", "gpt2", "--snapshot-dtype", "int8"], "--snapshot-dtype"),
+        (["--preset", "gpt2", "--disk-budget", "9" * 400 + "GB"], "--disk-budget"),  # OverflowError before
+        (["--preset", "gpt2", "--wandb-budget", "1e400"], "--wandb-budget"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args, flag):
@@ -101,6 +103,24 @@ def test_bad_input_exits_2_with_one_line(args, flag):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and flag in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_huge_runs_answer_exactly(capsys):
+    """`--steps 10**21 --save-every 3 --disk-budget 999TB` scanned intervals one by one for minutes."""
+    from budget_callback.snapshots.format import SnapshotLayout
+    from budget_callback.snapshots.schedule import series_bytes
+
+    _, d = _plan(capsys, "--preset", "gpt2", "--steps", str(10**21), "--save-every", "3", "--disk-budget", "999TB")
+    k, layout = d["save_every_n_steps"], SnapshotLayout(50_257, 768, "bfloat16")
+    assert d["decision"] == "downsampled" and d["storage"]["snapshot_bytes"] == series_bytes(layout, 10**21, k)
+    assert series_bytes(layout, 10**21, k) <= 999 * 10**12 < series_bytes(layout, 10**21, k - 1)
+
+
+def test_plan_imports_neither_lightning_nor_torch():
+    code = ("import sys; from budget_callback.cli import main; main(['plan', '--preset', 'gpt2', '--json']); "
+            "print([m for m in sys.modules if m.split('.')[0] in ('torch', 'lightning')], file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stderr.strip() == "[]"
 
 
 def test_console_script_and_module_agree():

@@ -115,6 +115,58 @@ def test_llama_style_untied_head_of_any_name(tmp_path, head):
     assert cb.bytes_written == cb.projected_bytes == _on_disk(tmp_path / "s")
 
 
+class ManualLens(LensLM):
+    """A module that declares no shape (traced), with two optimizers stepped by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        for opt in self.optimizers():
+            opt.zero_grad()
+            logits = torch.tanh(self.mix(self.W_E[x])) @ self.W_U
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            self.manual_backward(loss)
+            opt.step()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([self.W_E, self.W_U], lr=1e-2), torch.optim.SGD(self.mix.parameters(), lr=0.1)
+
+
+def test_traced_forecast_of_a_module_that_declares_no_shape(tmp_path):
+    """What was found, not a placeholder; the largest micro-batch and fewest devices from two traces."""
+    cb = BudgetCallback(tmp_path / "s", memory_budget="64MiB")
+    trainer(tmp_path, [cb], max_steps=2).fit(LlamaLM(), token_loader(vocab=64))
+    f = cb.forecast
+    model = f.to_dict()["model"]
+    assert model == {"name": "LlamaLM", "declared": False, "parameters": sum(p.numel() for p in LlamaLM().parameters()),
+                     "tensors": 17, "layers": 2, "tied": False, "vocab_size": 64, "hidden_dim": 16}
+    from budget_callback.forecast.report import render
+    head = render(f).splitlines()[0]
+    assert head.startswith("LlamaLM (traced): 8,272 parameters in 17 tensors, 2 layers, W 64 x 16 untied;")
+    assert "single device (forecast as ddp)" in head and "V=" not in head
+    mem = f.memory
+    assert mem["max_batch_size"] > 4 and mem["min_devices"] == 1
+    from budget_callback.forecast.memory import peak_memory_from_trace, trace_at_batch
+    trace, slope, setup = mem["trace"], mem["trace_per_sample"], f.inputs.setup
+    assert slope["forward_peak_bytes"] > 0  # activations grow with the batch
+    fits = peak_memory_from_trace(trace_at_batch(trace, slope, 4, mem["max_batch_size"]), setup)
+    over = peak_memory_from_trace(trace_at_batch(trace, slope, 4, mem["max_batch_size"] + 1), setup)
+    assert fits["peak_bytes"] <= 64 * 2**20 < over["peak_bytes"]
+
+
+def test_manual_optimization_of_a_traced_module(tmp_path):
+    cb = BudgetCallback(tmp_path / "s", snapshot_dtype="float32")
+    rec = RecordW(lambda m: m.W_U.t())
+    trainer(tmp_path, [cb, rec], max_steps=6).fit(ManualLens(), token_loader(vocab=40))
+    assert cb.forecast.memory["activations_method"] == "traced training step (fake tensors, cpu fake device)"
+    assert cb.forecast.memory["phases"]["forward_backward"]["activations"] > 0
+    assert SnapshotReader(tmp_path / "s").steps == [2, 4, 6]
+    assert cb.bytes_written == cb.projected_bytes
+
+
 def test_unembedding_by_name_and_callable(tmp_path):
     cb = BudgetCallback(tmp_path / "a", unembedding="mix.weight", snapshot_dtype="float32")
     trainer(tmp_path, [cb], max_steps=1).fit(LensLM(), token_loader(vocab=40))
@@ -237,7 +289,7 @@ def test_max_epochs_counts_stepping_batches(tmp_path):
     (3, 2, 12, -1, [4, 6, 10, 12]),  # stacked: explicit steps in the file, exact bytes
     (2, 1, -1, 1, [2, 4, 6, 8, 10, 12, 14, 16]),  # 8 batches x 2 optimizers
 ])
-def test_manual_optimization_with_two_optimizers(tmp_path, every, per_file, max_steps, max_epochs, steps):
+def test_manual_optimization_with_two_optimizers(tmp_path, every, per_file, max_steps, max_epochs, steps, record):
     """global_step advances by 2 per batch; the forecast counts the same snapshots and bytes as are written."""
     cb = BudgetCallback(tmp_path / "s", save_every_n_steps=every, snapshots_per_file=per_file, snapshot_dtype="float32")
     rec = RecordW(lambda m: m.model.lm_head.weight)
@@ -249,6 +301,7 @@ def test_manual_optimization_with_two_optimizers(tmp_path, every, per_file, max_
     assert cb.forecast.storage["snapshot_bytes"] == cb.projected_bytes == cb.bytes_written == _on_disk(tmp_path / "s")
     for step in steps:
         assert torch.equal(reader.load(step), rec.seen[step])
+    record(every=every, per_file=per_file, steps=steps, bytes=cb.bytes_written)
 
 
 class Tokens(IterableDataset):

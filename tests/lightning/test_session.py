@@ -59,7 +59,7 @@ def test_resume_continues_the_series_and_its_projection(tmp_path):
     assert "by step 10" in second.summary() and "difference +0 B" in second.summary()
 
 
-def test_resume_mid_stack_continues_the_open_file(tmp_path):
+def test_resume_mid_stack_continues_the_open_file(tmp_path, record):
     """A resume leaves the same files as a run that was never interrupted."""
     _, path = _first_run(tmp_path, tmp_path / "s", steps=10, ckpt_every=6, snapshots_per_file=4,
                          snapshot_dtype="float32")
@@ -74,6 +74,8 @@ def test_resume_mid_stack_continues_the_open_file(tmp_path):
     for step in (7, 10, 12):  # written by the resumed run
         assert torch.equal(reader.load(step), rec.seen[step])
     assert second.bytes_written == second.projected_bytes == straight.projected_bytes
+    record(files=len(_files(tmp_path / "s")), same_as_uninterrupted=True, bytes=second.bytes_written,
+           projected=second.projected_bytes)
 
 
 class Tunable(TinyLM):
@@ -84,16 +86,17 @@ class Tunable(TinyLM):
         self.lr = 1e-2
 
 
-def test_lr_find_then_fit_into_another_runs_directory_is_refused(tmp_path):
+def test_lr_find_then_fit_into_another_runs_directory_is_refused(tmp_path, record):
     """lr_find restores its temporary checkpoint through load_state_dict: that is not a resume of the series."""
     trainer(tmp_path, [BudgetCallback(tmp_path / "s")], max_steps=3).fit(TinyLM(), token_loader())
     before = _listing(tmp_path / "s")
     cb = BudgetCallback(tmp_path / "s")
     t = trainer(tmp_path, [cb], max_steps=3)
     Tuner(t).lr_find(Tunable(), train_dataloaders=token_loader(n=200), num_training=5)
-    with pytest.raises(ValueError, match="already holds snapshots of run"):
+    with pytest.raises(ValueError, match="already holds snapshots of run") as info:
         t.fit(Tunable(), token_loader())
     assert _listing(tmp_path / "s") == before
+    record(files_before=len(before), files_after=len(_listing(tmp_path / "s")), message=str(info.value)[:160])
 
 
 def test_lr_find_then_fit_into_an_empty_directory(tmp_path):
@@ -104,15 +107,16 @@ def test_lr_find_then_fit_into_an_empty_directory(tmp_path):
     assert SnapshotReader(tmp_path / "s").steps == [1, 2, 3] and cb.bytes_written == cb.projected_bytes
 
 
-def test_checkpoint_without_callback_state_does_not_mix_runs(tmp_path):
+def test_checkpoint_without_callback_state_does_not_mix_runs(tmp_path, record):
     trainer(tmp_path, [BudgetCallback(tmp_path / "s")], max_steps=3).fit(TinyLM(), token_loader())
     before = _listing(tmp_path / "s")
     ckpt = ModelCheckpoint(dirpath=tmp_path / "other", every_n_train_steps=2)
     trainer(tmp_path, [ckpt], max_steps=2, enable_checkpointing=True).fit(TinyLM(), token_loader())
     path = str(next((tmp_path / "other").iterdir()))
-    with pytest.raises(ValueError, match="already holds snapshots.*no BudgetCallback state for this snapshot_dir"):
+    with pytest.raises(ValueError, match="already holds snapshots.*no BudgetCallback state for this snapshot_dir") as info:
         trainer(tmp_path, [BudgetCallback(tmp_path / "s")], max_steps=4).fit(TinyLM(), token_loader(), ckpt_path=path)
     assert _listing(tmp_path / "s") == before
+    record(untouched=True, message=str(info.value)[-150:])
 
 
 def test_relative_then_absolute_spelling_resumes_the_same_series(tmp_path, monkeypatch):
@@ -140,7 +144,7 @@ def test_chdir_during_training_keeps_one_series(tmp_path, monkeypatch):
     assert not (tmp_path / "elsewhere" / "snaps").exists()
 
 
-def test_a_second_fit_on_the_same_instance_starts_fresh(tmp_path):
+def test_a_second_fit_on_the_same_instance_starts_fresh(tmp_path, record):
     """The first fit ends paused on a full disk; the second (space freed) must not inherit the pause."""
     with tmpfs(tmp_path / "disk", "8m") as disk:
         cb = BudgetCallback(disk / "snaps", overwrite=True)
@@ -152,6 +156,7 @@ def test_a_second_fit_on_the_same_instance_starts_fresh(tmp_path):
         trainer(tmp_path, [cb], max_steps=6).fit(TinyLM(WIDE), token_loader(vocab=5000, n=400))
         assert SnapshotReader(disk / "snaps").steps == list(range(cb.save_every_n_steps, 7, cb.save_every_n_steps))
         assert not cb.series.schedule.paused and cb.bytes_written == cb.projected_bytes > 0
+        record(first_fit="paused", second_fit_steps=SnapshotReader(disk / "snaps").steps)
 
 
 def test_a_second_fit_on_the_same_instance_portable(tmp_path):
@@ -163,16 +168,17 @@ def test_a_second_fit_on_the_same_instance_portable(tmp_path):
     assert cb.series.run_id != first_run and cb.bytes_written == cb.projected_bytes
 
 
-def test_resume_with_another_dtype_is_refused(tmp_path):
+def test_resume_with_another_dtype_is_refused(tmp_path, record):
     _, path = _first_run(tmp_path, tmp_path / "s")
     before = _listing(tmp_path / "s")
-    with pytest.raises(ValueError, match="`snapshot_dtype` is 'float32' but .* snapshot_dtype='bfloat16'"):
+    with pytest.raises(ValueError, match="`snapshot_dtype` is 'float32' but .* snapshot_dtype='bfloat16'") as info:
         trainer(tmp_path, [BudgetCallback(tmp_path / "s", snapshot_dtype="float32")], max_steps=8).fit(
             TinyLM(), token_loader(n=200), ckpt_path=path)
     assert _listing(tmp_path / "s") == before
+    record(untouched=True, message=str(info.value)[:140])
 
 
-def test_downsampled_run_on_a_tight_disk_resumes(tmp_path):
+def test_downsampled_run_on_a_tight_disk_resumes(tmp_path, record):
     """The resume counts what is on disk (its own, or to be replaced) as room; it keeps the interval."""
     with tmpfs(tmp_path / "disk", "6m") as disk:
         ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=10, save_top_k=-1)
@@ -187,6 +193,7 @@ def test_downsampled_run_on_a_tight_disk_resumes(tmp_path):
         assert second.forecast.decision == "fits" and second.save_every_n_steps == k
         assert SnapshotReader(disk / "snaps").steps == list(range(k, 21, k))
         assert second.bytes_written == second.projected_bytes
+        record(interval=k, steps=SnapshotReader(disk / "snaps").steps, bytes=second.bytes_written, tmpfs="6m")
 
 
 class LateRestore(SingleDeviceStrategy):
@@ -197,16 +204,17 @@ class LateRestore(SingleDeviceStrategy):
         return True
 
 
-def test_resume_under_a_strategy_that_restores_late(tmp_path):
+def test_resume_under_a_strategy_that_restores_late(tmp_path, record):
     _, path = _first_run(tmp_path, tmp_path / "s", save_every_n_steps=2)
     second = BudgetCallback(tmp_path / "s")
     trainer(tmp_path, [second], max_steps=10, strategy=LateRestore(device=torch.device("cpu"))).fit(
         TinyLM(), token_loader(n=200), ckpt_path=path)
     assert second.save_every_n_steps == 2 and SnapshotReader(tmp_path / "s").steps == [2, 4, 6, 8, 10]
     assert second.bytes_written == second.projected_bytes
+    record(interval=2, steps=[2, 4, 6, 8, 10], bytes=second.bytes_written)
 
 
-def test_stale_temporaries_of_any_writer_are_cleaned_at_the_next_start(tmp_path):
+def test_stale_temporaries_of_any_writer_are_cleaned_at_the_next_start(tmp_path, record):
     _, path = _first_run(tmp_path, tmp_path / "s")
     (tmp_path / "s" / ".tmpXy12Ab").write_bytes(b"left by safetensors' writer when killed")
     (tmp_path / "s" / ".step_000000007.safetensors.tmp-4242").write_bytes(b"ours")
@@ -215,6 +223,7 @@ def test_stale_temporaries_of_any_writer_are_cleaned_at_the_next_start(tmp_path)
     assert [n for n in os.listdir(tmp_path / "s") if n.startswith(".")] == []
     cleaned = next(e for e in cb.events if e["event"] == "cleaned_temporaries")
     assert cleaned["count"] == 2
+    record(cleaned=cleaned["names"])
 
 
 HOLDER = textwrap.dedent("""
@@ -235,15 +244,16 @@ HOLDER = textwrap.dedent("""
 """)
 
 
-def test_two_fits_on_one_directory_at_the_same_time(tmp_path):
+def test_two_fits_on_one_directory_at_the_same_time(tmp_path, record):
     script = tmp_path / "holder.py"
     script.write_text(HOLDER.format(tests=str(ROOT / "tests"), root=str(tmp_path), snaps=str(tmp_path / "s")))
     proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     try:
         assert any(line.strip() == "HOLDING" for line in iter(proc.stdout.readline, "")), "the holder never started"
-        with pytest.raises(SnapshotDirInUseError, match=rf"in use by another fit \(pid {proc.pid} on .*holder.py"):
+        with pytest.raises(SnapshotDirInUseError, match=rf"in use by another fit \(pid {proc.pid} on .*holder.py") as info:
             trainer(tmp_path, [BudgetCallback(tmp_path / "s")], max_steps=2).fit(TinyLM(), token_loader())
+        record(message=str(info.value)[:200])
         proc.stdin.write("go\n")
         proc.stdin.flush()
         assert proc.stdout.readline().strip() == "DONE"

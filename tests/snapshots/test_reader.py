@@ -49,7 +49,7 @@ def test_errors_name_what_is_wrong(snapshots, tmp_path):
         SnapshotReader(tmp_path / "missing")
 
 
-def test_stray_and_truncated_files_are_named_not_fatal(snapshots):
+def test_stray_and_truncated_files_are_named_not_fatal(snapshots, record):
     (snapshots / ".step_000000045.safetensors.tmp-99").write_bytes(b"partial")
     good = (snapshots / "step_000000005.safetensors").read_bytes()
     (snapshots / "step_000000045.safetensors").write_bytes(good[:100])  # truncated
@@ -60,6 +60,7 @@ def test_stray_and_truncated_files_are_named_not_fatal(snapshots):
     assert r.steps == list(range(5, 41, 5)) and set(r.bad_files) == {
         "step_000000045.safetensors", "step_000000050.safetensors", "step_000000055.safetensors"}
     assert r.trajectory(1).shape == (8, 2)
+    record(valid=len(r), bad=r.bad_files)
 
 
 def test_a_file_damaged_after_opening_is_named_when_read(snapshots):
