@@ -97,7 +97,7 @@ def tiny_overhead(pairs: int, steps: int, warmup: int) -> dict:
             times = fit(TinyGPT(64), loader, steps, cb).step_times(warmup)
             (with_med if with_cb else without_med).append(median(times))
             if cb:
-                bp.append(cb._fit.writer.stats.backpressure_seconds)
+                bp.append(cb._fit.capture.stats.backpressure_seconds)
                 hook.append(median(cb.hook_seconds))
                 assert cb.series.snapshots_on_disk == steps, cb.summary()
         ratios.append(with_med[-1] / without_med[-1])
@@ -177,7 +177,7 @@ def backpressure(pairs: int, steps: int, warmup: int) -> dict:
             times = timer.step_times(warmup)
             out["with" if with_cb else "without"].append(median(times))
             if cb:
-                st = cb._fit.writer.stats
+                st = cb._fit.capture.stats
                 # writer throughput while training: bytes over the time from the first step to the final flush
                 elapsed = time.perf_counter() - timer.marks[0]
                 out["bp"].append(st.backpressure_seconds)
@@ -219,7 +219,7 @@ def disk_bound(pairs: int, steps: int, warmup: int) -> dict:
             timer = fit(SparseHead(), loader, steps, cb)
             out["with" if with_cb else "without"].append(median(timer.step_times(warmup)))
             if cb:
-                st = cb._fit.writer.stats
+                st = cb._fit.capture.stats
                 elapsed = time.perf_counter() - timer.marks[0]
                 out["bp"].append(st.backpressure_seconds)
                 out["bp_per_step"].append(st.backpressure_seconds / steps)

@@ -74,8 +74,7 @@ def trainer(tmp_path, callbacks, max_steps: int = 6, **kwargs) -> L.Trainer:
     return L.Trainer(callbacks=callbacks, **options)
 
 
-def write_series(directory, layout, steps, every: int = 1, stride: int = 1, fill=None, run_id: str = "test-run",
-                 queue_depth: int = 4, when_behind: str = "wait"):
+def write_series(directory, layout, steps, every: int = 1, stride: int = 1, fill=None, run_id: str = "test-run"):
     """A real series written by the real writer: batch ends at ``steps``, snapshots where the schedule says.
 
     ``fill(step, name)`` gives each matrix (default: ``step`` everywhere). Returns (series, writer)."""
@@ -88,7 +87,7 @@ def write_series(directory, layout, steps, every: int = 1, stride: int = 1, fill
     series = Series(directory, layout, run_id, Schedule.start(layout, every, stride))
     series.directory.mkdir(parents=True, exist_ok=True)
     series.write_manifest()
-    writer = SnapshotWriter(series, queue_depth, when_behind)
+    writer = SnapshotWriter(series)
     writer.start()
     for step in steps:
         placement = series.place(step)

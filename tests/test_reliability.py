@@ -136,14 +136,14 @@ def _stall_first_write(monkeypatch, until):
 
 def test_slow_writer_waits_and_reports_backpressure(tmp_path, monkeypatch, record):
     cb = BudgetCallback(tmp_path / "s", queue_depth=1)
-    _stall_first_write(monkeypatch, lambda: cb._fit.writer.stats.waits >= 1)
+    _stall_first_write(monkeypatch, lambda: cb._fit.capture.stats.waits >= 1)
     logger = CSVLogger(tmp_path, name="csv")
     trainer(tmp_path, [cb], max_steps=10, logger=logger, log_every_n_steps=5).fit(TinyLM(), token_loader(n=100))
-    stats = cb._fit.writer.stats
+    stats = cb._fit.capture.stats
     assert stats.waits >= 1 and stats.backpressure_seconds > 0
     assert SnapshotReader(tmp_path / "s").steps == list(range(1, 11))  # waited: nothing lost
     assert cb.bytes_written == cb.projected_bytes
-    assert cb._fit.writer._queue.maxsize == 1  # RAM bounded by the queue
+    assert cb._fit.capture.host_bytes == 3 * 50 * 8 * 2  # RAM bounded: queue_depth + 2 buffers of W
     text = open(os.path.join(logger.log_dir, "metrics.csv")).read()
     assert "budget/writer_backpressure_seconds" in text
     record(backpressure_seconds=round(stats.backpressure_seconds, 3), waits=stats.waits, written=10, lost=0,

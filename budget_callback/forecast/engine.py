@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from ..snapshots.format import SnapshotLayout
+from ..snapshots.format import SnapshotLayout, host_buffer_bytes
 from ..snapshots.schedule import Schedule, series_bytes, solve_interval
 from ..units import format_bytes
 from ..validate import one_of, positive_int
@@ -187,7 +187,7 @@ def _storage(inputs: PlanInputs, every: int, n_params: int, n_tensors: int, entr
         "checkpoints_bytes": kept * ckpt,
         "wandb_staging_bytes": usage["artifact_staging_bytes"],
         "total_bytes": snaps + ((kept * ckpt + usage["artifact_staging_bytes"]) if inputs.checkpoints_share_disk else 0),
-        "host_buffer_bytes": (snap.queue_depth + snap.snapshots_per_file) * layout.step_bytes,
+        "host_buffer_bytes": host_buffer_bytes(layout, snap.queue_depth),
         "scaling": scaling,
     }
 

@@ -157,6 +157,10 @@ class BudgetCallback(Callback):
         if self._fit is not None and self._fit.schedule is not None:
             self._fit.on_step(trainer)
 
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        if self._fit is not None:
+            self._fit.before_optimizer_step()
+
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if self._fit is not None:
             self._fit.before_checkpoint()

@@ -1,69 +1,175 @@
-"""Copy W (and E) into reused host buffers for the writer, gathering a sharded W first.
+"""Copy W (and E) into a ring of reused host buffers, off the training thread, for the writer.
 
-One mechanism for every device: a ring of host buffers per matrix, allocated
-once (pinned on CUDA), each snapshot copied into the next one with ``copy_``
-(a cast into an existing buffer: no allocation, no page faults). On CUDA the
-copy is ``non_blocking`` and an event marks its completion for the writer.
-The ring holds ``queue_depth + 2`` buffers: one being filled, at most
-``queue_depth`` queued, one being written, so a buffer is never refilled before
-the writer is done with it.
+One mechanism for every device, with a device-specific copy:
+
+* a ring of ``queue_depth + 2`` host buffers per matrix, allocated once (pinned on CUDA): one being
+  filled, at most ``queue_depth`` waiting for the writer, one being written. A buffer goes back to
+  the ring when the writer is done with it; when none is free the step waits (``when_behind="wait"``,
+  timed as back-pressure) or the snapshot is dropped and counted (``"drop"``);
+* the copy into the buffer (``copy_``: a cast into an existing buffer, no allocation) runs where it
+  costs training nothing: on CUDA it is ``non_blocking`` on the current stream with an event (the
+  optimizer's next kernels are ordered after it); on the CPU a copier thread does it while the next
+  forward and backward run, and :meth:`Capture.wait` (the callback's ``on_before_optimizer_step``)
+  makes sure it has read W before the optimizer changes it.
+
+The training thread only places the request: its time per snapshot is bookkeeping, not bytes.
+A sharded W is gathered first by every rank (a collective), on the training thread.
 """
 
 from __future__ import annotations
 
 import contextlib
+import queue
+import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from ..errors import SnapshotWriteError
+from ..snapshots.format import ring_size
 from .locate import MatrixSource
 
+Ready = Callable[[dict[str, torch.Tensor], object, Callable[[], None]], None]
 
-def ring_size(queue_depth: int) -> int:
-    return queue_depth + 2
+
+@dataclass
+class CaptureStats:
+    backpressure_seconds: float = 0.0  # training waited for a free buffer (the disk is slower than training)
+    waits: int = 0  # times it waited
+    dropped: int = 0  # snapshots dropped for want of a buffer (when_behind="drop")
+    copy_waits: int = 0  # times the optimizer step waited for a copy to finish reading W
+    copy_wait_seconds: float = 0.0
+    taken: int = 0
 
 
 class Capture:
-    """Takes host copies of the matrices of ``sources`` in ``dtype``. Every rank calls :meth:`take`
-    (a sharded W is gathered collectively); only the writing rank gets tensors back."""
+    """Takes snapshots of the matrices of ``sources`` in ``dtype``. Every rank calls :meth:`take` (a sharded W
+    is gathered collectively); only the writing rank copies, and hands each filled buffer to ``ready``."""
 
     def __init__(self, sources: dict[str, MatrixSource], dtype: torch.dtype, queue_depth: int, writes: bool,
-                 gather: Callable[[], contextlib.AbstractContextManager] | None = None) -> None:
+                 gather: Callable[[], contextlib.AbstractContextManager] | None = None, when_behind: str = "wait"
+                 ) -> None:
         self.sources = sources
         self.dtype = dtype
         self.writes = writes
+        self.when_behind = when_behind
+        self.stats = CaptureStats()
         self._gather = gather
-        self._ring: dict[str, list[torch.Tensor]] = {}
         self._size = ring_size(queue_depth)
-        self._taken = 0
+        self._ring: list[dict[str, torch.Tensor]] = []
+        self._free: queue.Queue[int] = queue.Queue()
+        self._requests: queue.Queue = queue.Queue()
+        self._copier: threading.Thread | None = None
+        self._error: BaseException | None = None
 
-    def _buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        ring = self._ring.get(name)
-        if ring is None:
-            pin = like.device.type == "cuda"
-            ring = self._ring[name] = [torch.empty(like.shape, dtype=self.dtype, pin_memory=pin)
-                                       for _ in range(self._size)]
-        return ring[self._taken % self._size]
+    # --- the ring ----------------------------------------------------------------------------
+    def _allocate(self, matrices: dict[str, torch.Tensor]) -> None:
+        pin = any(w.device.type == "cuda" for w in matrices.values())
+        for i in range(self._size):
+            self._ring.append({n: torch.empty(w.shape, dtype=self.dtype, pin_memory=pin) for n, w in matrices.items()})
+            self._free.put(i)
 
-    def take(self) -> tuple[dict[str, torch.Tensor], object | None]:
-        """(host tensors by name, a CUDA event to wait on or None); empty on ranks that do not write."""
-        with self._gather() if self._gather is not None else contextlib.nullcontext():
-            matrices = {name: source.matrix() for name, source in self.sources.items()}  # collective if sharded
-            if not self.writes:
-                return {}, None
-            tensors, on_cuda = {}, False
-            for name, w in matrices.items():
-                buf = self._buffer(name, w)
-                on_cuda = on_cuda or w.device.type == "cuda"
-                buf.copy_(w, non_blocking=w.device.type == "cuda")
-                tensors[name] = buf
-        self._taken += 1
-        event = None
-        if on_cuda:
-            event = torch.cuda.Event()
-            event.record()
-        return tensors, event
+    def _acquire(self) -> int | None:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            pass
+        if self.when_behind == "drop":
+            self.stats.dropped += 1
+            return None
+        self.stats.waits += 1
+        start = time.perf_counter()
+        while True:  # wait for the writer, but surface a copier failure instead of blocking forever
+            try:
+                slot = self._free.get(timeout=0.5)
+                break
+            except queue.Empty:
+                self._check()
+        self.stats.backpressure_seconds += time.perf_counter() - start
+        return slot
+
+    def _release(self, slot: int) -> Callable[[], None]:
+        return lambda: self._free.put(slot)
 
     @property
     def host_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for ring in self._ring.values() for b in ring)
+        return sum(t.numel() * t.element_size() for buffers in self._ring for t in buffers.values())
+
+    # --- taking a snapshot ---------------------------------------------------------------------------
+    def take(self, ready: Ready) -> bool:
+        """Capture the matrices now; ``ready(tensors, event, release)`` is called once the copy is placed
+        (CUDA: at once, with an event) or done (CPU: from the copier). False when dropped (or not writing)."""
+        self._check()
+        with self._gather() if self._gather is not None else contextlib.nullcontext():
+            matrices = {name: source.matrix() for name, source in self.sources.items()}  # collective if sharded
+            if not self.writes:
+                return False
+            if not self._ring:
+                self._allocate(matrices)
+            slot = self._acquire()
+            if slot is None:
+                return False
+            self.stats.taken += 1
+            buffers = self._ring[slot]
+            if any(w.device.type == "cuda" for w in matrices.values()):
+                for name, w in matrices.items():
+                    buffers[name].copy_(w, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                ready(buffers, event, self._release(slot))
+                return True
+        self._start_copier()
+        self._requests.put((buffers, matrices, ready, self._release(slot)))
+        return True
+
+    def _start_copier(self) -> None:
+        if self._copier is None:
+            self._copier = threading.Thread(target=self._copy_loop, name="budget-callback-capture", daemon=True)
+            self._copier.start()
+
+    def _copy_loop(self) -> None:
+        while True:
+            request = self._requests.get()
+            try:
+                if request is None:
+                    return
+                if self._error is None:
+                    buffers, matrices, ready, release = request
+                    with torch.no_grad():
+                        for name, w in matrices.items():
+                            buffers[name].copy_(w)
+                    del matrices  # W is read: the optimizer may change it now
+                    ready(buffers, None, release)
+            except BaseException as err:  # noqa: BLE001 - surfaced on the training thread
+                self._error = err
+            finally:
+                self._requests.task_done()
+
+    def wait(self) -> None:
+        """Block until every copy placed so far has read W (before the optimizer changes it)."""
+        if self._copier is None or self._requests.unfinished_tasks == 0:
+            self._check()
+            return
+        self.stats.copy_waits += 1
+        start = time.perf_counter()
+        self._requests.join()
+        self.stats.copy_wait_seconds += time.perf_counter() - start
+        self._check()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            if isinstance(err, SnapshotWriteError):  # the writer's own failure, handed on by the copier
+                raise err
+            raise SnapshotWriteError(f"copying a snapshot failed: {err!r}") from err
+
+    def close(self) -> None:
+        """Finish the copies placed so far and stop the copier (idempotent)."""
+        if self._copier is not None and self._copier.is_alive():
+            self._requests.join()
+            self._requests.put(None)
+            self._copier.join()
+        self._copier = None
+        self._check()

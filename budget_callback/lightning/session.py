@@ -23,13 +23,13 @@ from ..errors import BudgetExceededError
 from ..forecast import disk_guard
 from ..forecast.engine import Forecast
 from ..forecast.report import REPORT_TITLE, render
-from ..snapshots.format import MANIFEST, SnapshotLayout
+from ..snapshots.format import MANIFEST, SnapshotLayout, host_buffer_bytes
 from ..snapshots.schedule import Schedule
 from ..snapshots.series import Series, SeriesPlan, prepare, restored_series
 from ..snapshots.writer import SnapshotWriter
 from ..units import format_bytes
 from . import inputs as R
-from .capture import Capture, ring_size
+from .capture import Capture
 from .config import BudgetConfig
 from .distributed import decide_on_rank_zero, on_every_rank
 from .locate import MatrixSource, find_embedding, find_unembedding, is_tied
@@ -127,7 +127,8 @@ class FitSession:
         state = decide_on_rank_zero(strategy, lambda: self._open(trainer, plan, result, layout, stride))
         self.schedule = self.series.schedule if self.series else Schedule.from_state(layout, state)
         self.capture = Capture(sources, getattr(torch, layout.dtype), self.config.queue_depth,
-                               writes=trainer.is_global_zero, gather=R.full_params(trainer, sharded))
+                               writes=self.writer is not None, gather=R.full_params(trainer, sharded),
+                               when_behind=self.config.when_behind)
         self.tracker = RunTracker(result, R.module_peak_flops(trainer, module), facts.on_accelerator, wandb)
         self.next_check_step = trainer.global_step + 1
 
@@ -158,7 +159,7 @@ class FitSession:
 
     def _check_host_ram(self, layout: SnapshotLayout) -> None:
         K = layout.snapshots_per_file
-        need = (ring_size(self.config.queue_depth) + (K if K > 1 else 0)) * layout.step_bytes
+        need = host_buffer_bytes(layout, self.config.queue_depth)
         free = available_ram_bytes()
         if free is not None and need > free:
             raise ValueError(
@@ -186,7 +187,7 @@ class FitSession:
         for text in plan.warnings:
             warnings.warn(f"budget-callback: {text}", stacklevel=2)
             self.series.event({"step": step, "event": "warning", "detail": text})
-        self.writer = SnapshotWriter(self.series, self.config.queue_depth, self.config.when_behind)
+        self.writer = SnapshotWriter(self.series)
         self.writer.start(open_file)
         return schedule.state()
 
@@ -198,9 +199,13 @@ class FitSession:
         if stepped:
             self.tracker.tick()
         if placement is not None and (self.writer is not None or self.facts.sharded):
-            tensors, event = self.capture.take()  # every rank takes part in gathering a sharded W
-            if self.writer is not None:
-                self.writer.submit(placement, tensors, event)
+            writer = self.writer
+
+            def ready(tensors, event, release):
+                writer.submit(placement, tensors, event, release)
+            # every rank takes part in gathering a sharded W; the writing rank copies off the training thread
+            if not self.capture.take(ready) and self.writer is not None:
+                self.series.record_dropped(step)
         if self.series is not None and trainer.world_size == 1 and self.series.lost > self._lost_seen:
             self._lost_seen = self.series.lost  # a write hit a full disk: look again now (one process only)
             self.next_check_step = step
@@ -248,14 +253,20 @@ class FitSession:
     def _log(self, trainer: pl.Trainer, step: int) -> None:
         if self.series is None or not trainer.loggers:
             return
-        metrics = self.tracker.metrics(trainer, self.series, self.writer, self.schedule.due_bytes(),
+        metrics = self.tracker.metrics(trainer, self.series, self.capture, self.schedule.due_bytes(),
                                        len(self.series.events))
         self.tracker.log(trainer, metrics, step)
+
+    def before_optimizer_step(self) -> None:
+        """The copy of W taken at the last snapshot has read W before the optimizer changes it."""
+        if self.capture is not None:
+            self.capture.wait()
 
     # --- checkpoints ----------------------------------------------------------------------------------------
     def before_checkpoint(self) -> None:
         """Every snapshot up to the checkpoint's step is on disk before the checkpoint is (no gaps on resume)."""
         if self.writer is not None and not self.writer.closed:
+            self.capture.wait()
             self.writer.flush(final=False)
 
     def state_dict(self) -> dict:
@@ -270,6 +281,7 @@ class FitSession:
         if self.writer is None or self.writer.closed:
             return
         try:
+            self.capture.close()
             self.writer.close()
         finally:
             self.final_projected = self.schedule.due_bytes()
@@ -290,11 +302,12 @@ class FitSession:
     def close(self) -> None:
         """Teardown: the writer stopped, the lock released, the model no longer referenced."""
         try:
+            if self.capture is not None:
+                self.capture.close()
             if self.writer is not None and not self.writer.closed:
                 self.writer.close()
         finally:
             self.lock.release()
-            self.capture = None
 
     def projected_bytes(self) -> int:
         if self.final_projected is not None:
@@ -311,8 +324,8 @@ class FitSession:
         due, actual = self.schedule.due_bytes(), series.bytes_written
         s = self.schedule
         extra = ""
-        if self.writer is not None:
-            extra = (f"; back-pressure {self.writer.stats.backpressure_seconds:.2f} s, dropped {series.dropped}, "
+        if self.capture is not None:
+            extra = (f"; back-pressure {self.capture.stats.backpressure_seconds:.2f} s, dropped {series.dropped}, "
                      f"lost to a full disk {series.lost}")
         return (f"budget-callback summary: snapshots projected {format_bytes(due)} ({due:,} B) by step "
                 f"{s.last_step}, actual {format_bytes(actual)} ({actual:,} B) in {len(series.files)} file(s), "

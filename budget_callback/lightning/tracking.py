@@ -52,7 +52,7 @@ class RunTracker:
             self.step_times.append(now - self._last)
         self._last = now
 
-    def metrics(self, trainer: pl.Trainer, series, writer, due_bytes: int, events: int) -> dict[str, float | int]:
+    def metrics(self, trainer: pl.Trainer, series, capture, due_bytes: int, events: int) -> dict[str, float | int]:
         f = self.forecast
         schedule = series.schedule
         metrics: dict[str, float | int] = {
@@ -63,8 +63,8 @@ class RunTracker:
             "budget/snapshots_failed": series.lost,
             "budget/events": events,
         }
-        if writer is not None:
-            metrics["budget/writer_backpressure_seconds"] = round(writer.stats.backpressure_seconds, 6)
+        if capture is not None:
+            metrics["budget/writer_backpressure_seconds"] = round(capture.stats.backpressure_seconds, 6)
         if self.step_times:
             seconds = statistics.median(self.step_times[-max(1, trainer.log_every_n_steps):])
             metrics["budget/step_seconds"] = round(seconds, 6)

@@ -173,3 +173,14 @@ class SnapshotLayout:
         return {"vocab_size": self.vocab_size, "hidden_dim": self.hidden_dim, "dtype": self.dtype,
                 "snapshots_per_file": self.snapshots_per_file, "include_embedding": self.include_embedding,
                 "tied": self.tied, "names": list(self.names)}
+
+
+def ring_size(queue_depth: int) -> int:
+    """Host buffers per matrix: one being filled, ``queue_depth`` waiting for the writer, one being written."""
+    return queue_depth + 2
+
+
+def host_buffer_bytes(layout: SnapshotLayout, queue_depth: int) -> int:
+    """Host RAM the snapshots take: the ring of buffers, and a stacked file's K slots while it fills."""
+    stack = layout.snapshots_per_file if layout.stacked else 0
+    return (ring_size(queue_depth) + stack) * layout.step_bytes

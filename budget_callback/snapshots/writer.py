@@ -1,7 +1,8 @@
 """Background snapshot writer: bounded queue, atomic files, the series' manifest.
 
-The training thread hands over host copies of W (and E) with their
-:class:`~.schedule.Placement`; one thread writes them as safetensors files.
+The capture hands over host copies of W (and E), in reused buffers, with their
+:class:`~.schedule.Placement`; one thread writes them as safetensors files and
+gives each buffer back once it has been read.
 Every file and the manifest appear atomically (temporary name in the same
 directory, fsync, rename, fsync of the directory), so a reader never sees a
 partial file. A disk-full error (ENOSPC, EDQUOT) loses only the snapshot being
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -22,13 +23,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import SnapshotWriteError
-from ..validate import one_of
 from .directory import SnapshotFile, fsync_dir, is_disk_full
 from .format import snapshot_name, temporary_name
 from .schedule import Placement
 from .series import Series
 
-WHEN_BEHIND = ("wait", "drop")
+WHEN_BEHIND = ("wait", "drop")  # when every host buffer waits for the writer: training waits, or drops one
 _FLUSH, _FLUSH_KEEP = "flush", "flush-keep"  # queue markers: close the open stack / write it but keep it open
 
 
@@ -37,15 +37,7 @@ class _Item:
     placement: Placement | str  # a snapshot, or a flush marker
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     event: object | None = None  # torch.cuda.Event to wait on before reading pinned buffers
-
-
-@dataclass
-class WriterStats:
-    """What the writer saw (losses are counted in the series)."""
-
-    backpressure_seconds: float = 0.0
-    waits: int = 0  # times training found the queue full and waited
-    accepted: int = 0  # snapshots handed to the writer
+    release: Callable[[], None] | None = None  # gives the host buffers back once they are read
 
 
 @dataclass
@@ -62,13 +54,10 @@ class _Stack:
 class SnapshotWriter:
     """Write the snapshots of ``series`` from a background thread."""
 
-    def __init__(self, series: Series, queue_depth: int = 4, when_behind: str = "wait") -> None:
-        one_of("when_behind", when_behind, WHEN_BEHIND)
+    def __init__(self, series: Series) -> None:
         self.series = series
         self.layout = series.layout
-        self.when_behind = when_behind
-        self.stats = WriterStats()
-        self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=queue_depth)
+        self._queue: queue.Queue[_Item | None] = queue.Queue()  # bounded by the capture's ring of buffers
         self._error: BaseException | None = None
         self._stack: _Stack | None = None
         self._thread = threading.Thread(target=self._run, name="budget-callback-writer", daemon=True)
@@ -81,30 +70,12 @@ class SnapshotWriter:
             self._stack = self._load_stack(open_file)
         self._thread.start()
 
-    def submit(self, placement: Placement, tensors: dict[str, torch.Tensor], event: object | None = None) -> bool:
-        """Queue one snapshot. Blocks while the queue is full (``wait``) or drops it (``drop``)."""
+    def submit(self, placement: Placement, tensors: dict[str, torch.Tensor], event: object | None = None,
+               release: Callable[[], None] | None = None) -> None:
+        """Queue one snapshot; ``release()`` is called once its tensors have been read. Never blocks:
+        the capture's ring of host buffers bounds what can wait here."""
         self.check()
-        item = _Item(placement, tensors, event)
-        try:
-            self._queue.put_nowait(item)
-            self.stats.accepted += 1
-            return True
-        except queue.Full:
-            pass
-        if self.when_behind == "drop":
-            self.series.record_dropped(placement.step)
-            return False
-        self.stats.waits += 1
-        start = time.perf_counter()
-        while True:  # wait, but surface a writer failure instead of blocking on a dead thread
-            try:
-                self._queue.put(item, timeout=0.5)
-                break
-            except queue.Full:
-                self.check()
-        self.stats.backpressure_seconds += time.perf_counter() - start
-        self.stats.accepted += 1
-        return True
+        self._queue.put(_Item(placement, tensors, event, release))
 
     def flush(self, final: bool = True) -> None:
         """Wait until everything queued is on disk, including a partial stacked file.
@@ -157,6 +128,13 @@ class SnapshotWriter:
             if self._stack is not None and self._stack.steps:
                 self._write_stack(final=item.placement == _FLUSH)
             return
+        try:
+            self._place(item)
+        finally:
+            if item.release is not None:
+                item.release()
+
+    def _place(self, item: _Item) -> None:
         p = item.placement
         if item.event is not None:
             item.event.synchronize()

@@ -360,7 +360,7 @@ def test_accelerator_memory_metrics(tmp_path, monkeypatch):
     session = cb._fit
     session.tracker.on_accelerator = True
     fake_trainer = mock.Mock(log_every_n_steps=1, world_size=1)
-    metrics = session.tracker.metrics(fake_trainer, session.series, session.writer, 0, 0)
+    metrics = session.tracker.metrics(fake_trainer, session.series, session.capture, 0, 0)
     assert metrics["budget/memory_projected_bytes"] == cb.forecast.memory["peak_bytes"]
     assert metrics["budget/memory_actual_bytes"] == 123_456
 
@@ -381,3 +381,37 @@ def test_untraceable_module_still_runs_and_says_so(tmp_path):
     n = sum(p.numel() for p in Untraceable().parameters())
     assert memory["phases"]["optimizer_step"]["total"] == 4 * n * 4  # fp32 params, grads, two AdamW moments
     assert SnapshotReader(tmp_path / "s").steps == [1, 2]
+
+
+def test_snapshot_of_step_s_is_w_after_step_s_with_a_slow_writer_and_a_fast_model(tmp_path, monkeypatch):
+    """The copy runs off the training thread; the next optimizer step waits only until it has read W.
+    The disk is held until training has waited for a buffer (event-driven), so copies, queue and
+    optimizer steps all overlap."""
+    import threading
+
+    import budget_callback.snapshots.writer as writer_module
+
+    real, gate = writer_module.save_file, threading.Event()
+    cb = BudgetCallback(tmp_path / "s", snapshot_dtype="float32", queue_depth=2)
+
+    def slow(*args, **kwargs):
+        if not gate.is_set():
+            while cb._fit.capture.stats.waits < 1:  # until training found every buffer taken
+                threading.Event().wait(0.01)
+            gate.set()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(writer_module, "save_file", slow)
+    rec = RecordW(lambda m: m.model.lm_head.weight)
+    trainer(tmp_path, [cb, rec], max_steps=12).fit(TinyLM(), token_loader(n=100))
+    reader = SnapshotReader(tmp_path / "s")
+    assert reader.steps == list(range(1, 13)) and cb._fit.capture.stats.waits >= 1
+    for step in reader.steps:
+        assert torch.equal(reader.load(step), rec.seen[step])
+
+
+def test_host_ram_forecast_is_the_ring_the_capture_allocates(tmp_path):
+    cb = BudgetCallback(tmp_path / "s", queue_depth=3, include_embedding=True)
+    shape = ModelShape(vocab_size=30, d_model=4, n_layer=1, n_head=1, n_ctx=8, tied=False)
+    trainer(tmp_path, [cb], max_steps=3).fit(TinyLM(shape), token_loader(vocab=30))
+    assert cb._fit.capture.host_bytes == cb.forecast.storage["host_buffer_bytes"] == (3 + 2) * 2 * 30 * 4 * 2

@@ -3,7 +3,6 @@
 import errno
 import json
 import os
-import threading
 
 import pytest
 import torch
@@ -87,23 +86,3 @@ def test_writer_error_surfaces_in_training_thread(tmp_path, monkeypatch):
         w.flush()
     assert isinstance(info.value.__cause__, RuntimeError)
     w.close()
-
-
-def test_drop_policy_counts_dropped(tmp_path, monkeypatch):
-    gate = threading.Event()
-    real = writer_module.save_file
-
-    def slow(*args, **kwargs):
-        gate.wait(10)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(writer_module, "save_file", slow)
-    series = Series(tmp_path, LAYOUT, "r", Schedule.start(LAYOUT, 1))
-    w = SnapshotWriter(series, queue_depth=1, when_behind="drop")
-    w.start()
-    accepted = [w.submit(series.place(s), _w(s)) for s in range(1, 6)]
-    gate.set()
-    w.close()
-    assert series.dropped == accepted.count(False) >= 1
-    assert len(SnapshotReader(tmp_path)) == accepted.count(True)
-    assert series.bytes_written < series.schedule.due_bytes()  # the projection does not follow the losses
