@@ -80,6 +80,7 @@ def write_series(directory, layout, steps, every: int = 1, stride: int = 1, fill
     ``fill(step, name)`` gives each matrix (default: ``step`` everywhere). Returns (series, writer)."""
     from budget_callback.snapshots.schedule import Schedule
     from budget_callback.snapshots.series import Series
+    from budget_callback.snapshots.image import FileImage
     from budget_callback.snapshots.writer import SnapshotWriter
 
     fill = fill or (lambda step, name: torch.full((layout.vocab_size, layout.hidden_dim), float(step)))
@@ -92,7 +93,10 @@ def write_series(directory, layout, steps, every: int = 1, stride: int = 1, fill
     for step in steps:
         placement = series.place(step)
         if placement is not None:
-            writer.submit(placement, {n: fill(step, n).to(dtype) for n in layout.names})
+            image = FileImage(layout)
+            for name, view in image.prepare(placement.step, placement.every).items():
+                view.copy_(fill(step, name).to(dtype))
+            writer.submit(placement, image)
     writer.close()
     return series, writer
 

@@ -51,8 +51,10 @@ def test_disk_fills_mid_run_guard_raises_interval_on_real_tmpfs(tmp_path, record
         assert len(reader) >= 2
         # the snapshot due at the step the interval was raised was taken: nothing skipped, nothing lost
         assert cb.series.lost == 0 and cb.bytes_written == cb.projected_bytes
-        k1, r, k2 = cb.forecast.save_every_n_steps, raised[0]["step"], raised[0]["every"]
-        expected = list(range(k1, r + 1, k1)) + ([s for s in range(r + 1, 31) if s % k2 == 0] if k2 else [])
+        expected, start, every = [], 1, cb.forecast.save_every_n_steps  # the schedule, change by change
+        for change in raised + [{"step": 30, "every": None}]:
+            expected += [s for s in range(start, change["step"] + 1) if every and s % every == 0]
+            start, every = change["step"] + 1, change["every"]
         assert reader.steps == expected
         record(setup_interval=cb.forecast.save_every_n_steps, events=[e["event"] + f"@{e['step']}" for e in cb.events],
                final_interval=cb.save_every_n_steps, readable=len(reader), partial=0, reached=t.global_step,
@@ -93,17 +95,19 @@ def test_abort_policy_stops_cleanly_through_the_trainer(tmp_path, record):
 
 def test_injected_enospc_portable(tmp_path, monkeypatch, record):
     """The same error path without a tmpfs: the write of step 4 raises ENOSPC."""
-    import budget_callback.snapshots.writer as writer_module
+    import budget_callback.snapshots.diskio as diskio
 
-    real = writer_module.save_file
+    real = diskio.write_snapshot_file
 
-    def failing(tensors, path, metadata=None):
-        if metadata["first_step"] == "4":
-            Path(path).write_bytes(b"half a file")
+    def failing(path, header, tensors, *args, **kwargs):
+        if Path(path).name == "step_000000004.safetensors":
+            tmp = diskio.temporary_path(path)
+            tmp.write_bytes(b"half a file")
+            tmp.unlink()  # the writer's cleanup of a failed temporary
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(tensors, path, metadata=metadata)
+        return real(path, header, tensors, *args, **kwargs)
 
-    monkeypatch.setattr(writer_module, "save_file", failing)
+    monkeypatch.setattr(diskio, "write_snapshot_file", failing)
     cb = BudgetCallback(tmp_path / "s")
     t = trainer(tmp_path, [cb], max_steps=8)
     t.fit(TinyLM(), token_loader())
@@ -119,9 +123,9 @@ def _stall_first_write(monkeypatch, until):
     queue), then writes normally. Event-driven: no sleep decides the outcome; 60 s is only a safety bound."""
     import threading
 
-    import budget_callback.snapshots.writer as writer_module
+    import budget_callback.snapshots.diskio as diskio
 
-    real, first = writer_module.save_file, threading.Event()
+    real, first = diskio.write_snapshot_file, threading.Event()
 
     def stalled(*args, **kwargs):
         if not first.is_set():
@@ -131,7 +135,7 @@ def _stall_first_write(monkeypatch, until):
                 time.sleep(0.01)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(writer_module, "save_file", stalled)
+    monkeypatch.setattr(diskio, "write_snapshot_file", stalled)
 
 
 def test_slow_writer_waits_and_reports_backpressure(tmp_path, monkeypatch, record):
@@ -143,7 +147,7 @@ def test_slow_writer_waits_and_reports_backpressure(tmp_path, monkeypatch, recor
     assert stats.waits >= 1 and stats.backpressure_seconds > 0
     assert SnapshotReader(tmp_path / "s").steps == list(range(1, 11))  # waited: nothing lost
     assert cb.bytes_written == cb.projected_bytes
-    assert cb._fit.capture.host_bytes == 3 * 50 * 8 * 2  # RAM bounded: queue_depth + 2 buffers of W
+    assert cb._fit.capture.host_bytes == 3 * 4096  # RAM bounded: queue_depth + 2 page-aligned file images
     text = open(os.path.join(logger.log_dir, "metrics.csv")).read()
     assert "budget/writer_backpressure_seconds" in text
     record(backpressure_seconds=round(stats.backpressure_seconds, 3), waits=stats.waits, written=10, lost=0,
@@ -162,12 +166,12 @@ def test_slow_writer_drops_and_counts(tmp_path, monkeypatch, record):
 
 
 def test_dead_writer_surfaces_at_the_next_step(tmp_path, monkeypatch, record):
-    import budget_callback.snapshots.writer as writer_module
+    import budget_callback.snapshots.diskio as diskio
 
     def broken(*a, **k):
         raise RuntimeError("controller on fire")
 
-    monkeypatch.setattr(writer_module, "save_file", broken)
+    monkeypatch.setattr(diskio, "write_snapshot_file", broken)
     seen = []
 
     class Steps(Callback):
@@ -191,19 +195,19 @@ def test_read_only_snapshot_dir(tmp_path):
 KILL_SCRIPT = textwrap.dedent("""
     import sys, time, os
     sys.path.insert(0, {tests!r})
-    import budget_callback.snapshots.writer as w
+    import budget_callback.snapshots.diskio as d
     from budget_callback import BudgetCallback
     from lightning.pytorch.callbacks import ModelCheckpoint
     from helpers import Filler, TinyLM, tmpfs, token_loader, trainer
-    real = w.save_file
-    def slow(tensors, path, metadata=None):
-        if metadata["first_step"] == "6":
-            with open(path, "wb") as fh:      # half of the file is on disk ...
-                fh.write(b"x" * 1000); fh.flush(); os.fsync(fh.fileno())
+    real = d.write_snapshot_file
+    def slow(path, header, tensors, *args, **kwargs):
+        if path.name == "step_000000006.safetensors":
+            with open(d.temporary_path(path), "wb") as fh:  # half of the file is on disk ...
+                fh.write(header[:1000]); fh.flush(); os.fsync(fh.fileno())
             print("WRITING", flush=True)      # ... tell the parent, and wait to be killed
             time.sleep(600)
-        return real(tensors, path, metadata=metadata)
-    w.save_file = slow
+        return real(path, header, tensors, *args, **kwargs)
+    d.write_snapshot_file = slow
     cb = BudgetCallback({snaps!r})
     ckpt = ModelCheckpoint(dirpath={ckpt!r}, every_n_train_steps=4, save_top_k=-1)
     trainer({root!r}, [cb, ckpt], max_steps=20, enable_checkpointing=True).fit(TinyLM(), token_loader(n=200))
@@ -221,10 +225,11 @@ def test_sigkill_mid_write_then_resume(tmp_path, record):
     assert any(line.strip() == "WRITING" for line in lines), "the victim exited before reaching the write"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(30)
-    temporaries = [n for n in os.listdir(snaps) if n.startswith(".")]
-    assert temporaries, "the kill should have left a partial temporary file"
+    temporaries = sorted(n for n in os.listdir(snaps) if n.startswith("."))
+    # small files are committed in groups: step 5 is a complete temporary not yet renamed, step 6 a partial one
+    assert ".step_000000006.safetensors.tmp-" in " ".join(temporaries)
     reader = SnapshotReader(snaps)  # opens, lists only complete files, all load
-    assert reader.steps == [1, 2, 3, 4, 5]
+    assert reader.steps == [1, 2, 3, 4]  # committed at the step-4 checkpoint; nothing later is visible
     for step in reader.steps:
         assert reader.load(step).shape == (50, 8)
     # restart from the step-4 checkpoint: stale temporaries cleaned, step 5 replaced, series continues

@@ -28,10 +28,11 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SnapshotWriteError
-from ..snapshots.format import ring_size
+from ..snapshots.format import SnapshotLayout, ring_size
+from ..snapshots.image import FileImage
 from .locate import MatrixSource
 
-Ready = Callable[[dict[str, torch.Tensor], object, Callable[[], None]], None]
+Ready = Callable[[FileImage, object, Callable[[], None]], None]
 
 
 @dataclass
@@ -48,17 +49,17 @@ class Capture:
     """Takes snapshots of the matrices of ``sources`` in ``dtype``. Every rank calls :meth:`take` (a sharded W
     is gathered collectively); only the writing rank copies, and hands each filled buffer to ``ready``."""
 
-    def __init__(self, sources: dict[str, MatrixSource], dtype: torch.dtype, queue_depth: int, writes: bool,
+    def __init__(self, sources: dict[str, MatrixSource], layout: SnapshotLayout, queue_depth: int, writes: bool,
                  gather: Callable[[], contextlib.AbstractContextManager] | None = None, when_behind: str = "wait"
                  ) -> None:
         self.sources = sources
-        self.dtype = dtype
+        self.layout = layout
         self.writes = writes
         self.when_behind = when_behind
         self.stats = CaptureStats()
         self._gather = gather
         self._size = ring_size(queue_depth)
-        self._ring: list[dict[str, torch.Tensor]] = []
+        self._ring: list[FileImage] = []
         self._free: queue.Queue[int] = queue.Queue()
         self._requests: queue.Queue = queue.Queue()
         self._copier: threading.Thread | None = None
@@ -68,7 +69,7 @@ class Capture:
     def _allocate(self, matrices: dict[str, torch.Tensor]) -> None:
         pin = any(w.device.type == "cuda" for w in matrices.values())
         for i in range(self._size):
-            self._ring.append({n: torch.empty(w.shape, dtype=self.dtype, pin_memory=pin) for n, w in matrices.items()})
+            self._ring.append(FileImage(self.layout, pin_memory=pin))
             self._free.put(i)
 
     def _acquire(self) -> int | None:
@@ -95,12 +96,13 @@ class Capture:
 
     @property
     def host_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for buffers in self._ring for t in buffers.values())
+        return sum(image.nbytes for image in self._ring)
 
     # --- taking a snapshot ---------------------------------------------------------------------------
-    def take(self, ready: Ready) -> bool:
-        """Capture the matrices now; ``ready(tensors, event, release)`` is called once the copy is placed
-        (CUDA: at once, with an event) or done (CPU: from the copier). False when dropped (or not writing)."""
+    def take(self, ready: Ready, step: int, every: int) -> bool:
+        """Capture the matrices now, as the file of ``step``; ``ready(image, event, release)`` is called once
+        the copy is placed (CUDA: at once, with an event) or done (CPU: from the copier). False when dropped
+        (or not writing)."""
         self._check()
         with self._gather() if self._gather is not None else contextlib.nullcontext():
             matrices = {name: source.matrix() for name, source in self.sources.items()}  # collective if sharded
@@ -112,16 +114,17 @@ class Capture:
             if slot is None:
                 return False
             self.stats.taken += 1
-            buffers = self._ring[slot]
+            image = self._ring[slot]
+            views = image.prepare(step, every)
             if any(w.device.type == "cuda" for w in matrices.values()):
                 for name, w in matrices.items():
-                    buffers[name].copy_(w, non_blocking=True)
+                    views[name].copy_(w, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record()
-                ready(buffers, event, self._release(slot))
+                ready(image, event, self._release(slot))
                 return True
         self._start_copier()
-        self._requests.put((buffers, matrices, ready, self._release(slot)))
+        self._requests.put((image, matrices, ready, self._release(slot)))
         return True
 
     def _start_copier(self) -> None:
@@ -136,12 +139,12 @@ class Capture:
                 if request is None:
                     return
                 if self._error is None:
-                    buffers, matrices, ready, release = request
+                    image, matrices, ready, release = request
                     with torch.no_grad():
                         for name, w in matrices.items():
-                            buffers[name].copy_(w)
+                            image.tensors[name].copy_(w)
                     del matrices  # W is read: the optimizer may change it now
-                    ready(buffers, None, release)
+                    ready(image, None, release)
             except BaseException as err:  # noqa: BLE001 - surfaced on the training thread
                 self._error = err
             finally:

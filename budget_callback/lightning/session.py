@@ -16,7 +16,6 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..errors import BudgetExceededError
@@ -126,7 +125,7 @@ class FitSession:
             warnings.warn("budget-callback: " + " | ".join(failed), stacklevel=2)
         state = decide_on_rank_zero(strategy, lambda: self._open(trainer, plan, result, layout, stride))
         self.schedule = self.series.schedule if self.series else Schedule.from_state(layout, state)
-        self.capture = Capture(sources, getattr(torch, layout.dtype), self.config.queue_depth,
+        self.capture = Capture(sources, layout, self.config.queue_depth,
                                writes=self.writer is not None, gather=R.full_params(trainer, sharded),
                                when_behind=self.config.when_behind)
         self.tracker = RunTracker(result, R.module_peak_flops(trainer, module), facts.on_accelerator, wandb)
@@ -201,10 +200,10 @@ class FitSession:
         if placement is not None and (self.writer is not None or self.facts.sharded):
             writer = self.writer
 
-            def ready(tensors, event, release):
-                writer.submit(placement, tensors, event, release)
+            def ready(image, event, release):
+                writer.submit(placement, image, event, release)
             # every rank takes part in gathering a sharded W; the writing rank copies off the training thread
-            if not self.capture.take(ready) and self.writer is not None:
+            if not self.capture.take(ready, placement.step, placement.every) and self.writer is not None:
                 self.series.record_dropped(step)
         if self.series is not None and trainer.world_size == 1 and self.series.lost > self._lost_seen:
             self._lost_seen = self.series.lost  # a write hit a full disk: look again now (one process only)
@@ -226,8 +225,9 @@ class FitSession:
 
         def decide():
             free = shutil.disk_usage(self.config.snapshot_dir).free
-            return disk_guard.decide(self.series.schedule, final, free, self.config.disk_budget,
-                                     self.series.bytes_written, self.config.on_exceed)
+            on_disk = self.series.bytes_written + self.writer.uncommitted_bytes
+            return disk_guard.decide(self.series.schedule, final, free, self.config.disk_budget, on_disk,
+                                     self.config.on_exceed)
         decision = decide_on_rank_zero(trainer.strategy, decide)
         self.next_check_step = decision.next_check_step
         if decision.action == "ok" or (decision.action == "warn" and self._warned):

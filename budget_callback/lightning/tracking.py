@@ -10,7 +10,7 @@ the step is ``fit_loop.epoch_loop._batches_that_stepped``, the cadence
 from __future__ import annotations
 
 import statistics
-import time
+from time import perf_counter
 
 import lightning.pytorch as pl
 import torch
@@ -46,8 +46,8 @@ class RunTracker:
         self.points: dict[str, list] = {}
 
     def tick(self) -> None:
-        """An optimizer step ended (``time.perf_counter`` between consecutive ones)."""
-        now = time.perf_counter()
+        """An optimizer step ended (``perf_counter`` between consecutive ones)."""
+        now = perf_counter()
         if self._last is not None:
             self.step_times.append(now - self._last)
         self._last = now

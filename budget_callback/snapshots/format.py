@@ -175,12 +175,24 @@ class SnapshotLayout:
                 "tied": self.tied, "names": list(self.names)}
 
 
+PAGE = 4096  # host buffers and O_DIRECT writes are aligned to this
+WIDEST_STEP = 10**20  # the widest step a reused buffer's header must hold
+
+
+def image_bytes(layout: SnapshotLayout) -> int:
+    """Bytes of one reused host buffer holding a whole snapshot file (header for any step + data)."""
+    widest = layout.file_bytes(WIDEST_STEP, 1, WIDEST_STEP) if not layout.stacked else \
+        SnapshotLayout(layout.vocab_size, layout.hidden_dim, layout.dtype, 1, layout.include_embedding,
+                       layout.tied).file_bytes(WIDEST_STEP, 1, WIDEST_STEP)
+    return -(-(widest + 64) // PAGE) * PAGE
+
+
 def ring_size(queue_depth: int) -> int:
     """Host buffers per matrix: one being filled, ``queue_depth`` waiting for the writer, one being written."""
     return queue_depth + 2
 
 
 def host_buffer_bytes(layout: SnapshotLayout, queue_depth: int) -> int:
-    """Host RAM the snapshots take: the ring of buffers, and a stacked file's K slots while it fills."""
-    stack = layout.snapshots_per_file if layout.stacked else 0
-    return (ring_size(queue_depth) + stack) * layout.step_bytes
+    """Host RAM the snapshots take: the ring of file images, and a stacked file's K slots while it fills."""
+    stack = layout.snapshots_per_file * layout.step_bytes if layout.stacked else 0
+    return ring_size(queue_depth) * image_bytes(layout) + stack

@@ -343,7 +343,7 @@ def test_metrics_land_in_the_row_of_the_users_metrics(tmp_path):
 def test_step_seconds_with_a_patched_clock(tmp_path, monkeypatch):
     """Measured time per optimizer step is asserted exactly: the clock advances 0.25 s per step."""
     ticks = iter(range(1000))
-    monkeypatch.setattr(tracking.time, "perf_counter", lambda: next(ticks) * 0.25)
+    monkeypatch.setattr(tracking, "perf_counter", lambda: next(ticks) * 0.25)
     cb = BudgetCallback(tmp_path / "s")
     logger = CSVLogger(tmp_path, name="csv")
     trainer(tmp_path, [cb], max_steps=4, logger=logger, log_every_n_steps=2).fit(TinyLM(), token_loader())
@@ -389,9 +389,9 @@ def test_snapshot_of_step_s_is_w_after_step_s_with_a_slow_writer_and_a_fast_mode
     optimizer steps all overlap."""
     import threading
 
-    import budget_callback.snapshots.writer as writer_module
+    import budget_callback.snapshots.diskio as diskio
 
-    real, gate = writer_module.save_file, threading.Event()
+    real, gate = diskio.write_snapshot_file, threading.Event()
     cb = BudgetCallback(tmp_path / "s", snapshot_dtype="float32", queue_depth=2)
 
     def slow(*args, **kwargs):
@@ -401,7 +401,7 @@ def test_snapshot_of_step_s_is_w_after_step_s_with_a_slow_writer_and_a_fast_mode
             gate.set()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(writer_module, "save_file", slow)
+    monkeypatch.setattr(diskio, "write_snapshot_file", slow)
     rec = RecordW(lambda m: m.model.lm_head.weight)
     trainer(tmp_path, [cb, rec], max_steps=12).fit(TinyLM(), token_loader(n=100))
     reader = SnapshotReader(tmp_path / "s")
@@ -414,4 +414,4 @@ def test_host_ram_forecast_is_the_ring_the_capture_allocates(tmp_path):
     cb = BudgetCallback(tmp_path / "s", queue_depth=3, include_embedding=True)
     shape = ModelShape(vocab_size=30, d_model=4, n_layer=1, n_head=1, n_ctx=8, tied=False)
     trainer(tmp_path, [cb], max_steps=3).fit(TinyLM(shape), token_loader(vocab=30))
-    assert cb._fit.capture.host_bytes == cb.forecast.storage["host_buffer_bytes"] == (3 + 2) * 2 * 30 * 4 * 2
+    assert cb._fit.capture.host_bytes == cb.forecast.storage["host_buffer_bytes"] == (3 + 2) * 4096  # one page

@@ -77,3 +77,26 @@ def test_token_ids_are_range_checked_without_a_manifest(snapshots):
         r.trajectory(6)
     with pytest.raises(IndexError):
         r.trajectory(-1)
+
+
+@pytest.mark.parametrize("tokens", [[3, 0, 5, 3], [0, 1, 2, 3, 4, 5], [5]])
+def test_rows_of_many_tokens_equal_the_matrices(snapshots, tokens):
+    """Sparse (scattered reads) and dense (whole matrices, gathered) paths give the same rows as load()."""
+    with SnapshotReader(snapshots) as r:
+        got = r.rows(tokens)
+        assert got.shape == (len(tokens), len(r.steps), 2)
+        for s, step in enumerate(r.steps):
+            assert torch.equal(got[:, s], r.load(step)[tokens])
+        assert torch.equal(got[0], r.trajectory(tokens[0]))
+
+
+def test_cold_reads_after_the_page_cache_is_dropped(snapshots):
+    import os
+
+    with SnapshotReader(snapshots) as r:
+        warm = r.trajectory(4)
+        for name in os.listdir(snapshots):
+            fd = os.open(snapshots / name, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        assert torch.equal(r.trajectory(4), warm)

@@ -7,9 +7,10 @@ import os
 import pytest
 import torch
 
-import budget_callback.snapshots.writer as writer_module
+import budget_callback.snapshots.diskio as diskio
 from budget_callback.errors import SnapshotWriteError
-from budget_callback.snapshots.format import MANIFEST, SnapshotLayout
+from budget_callback.snapshots.format import MANIFEST, SnapshotLayout, step_of_name
+from budget_callback.snapshots.image import FileImage
 from budget_callback.snapshots.reader import SnapshotReader
 from budget_callback.snapshots.schedule import Schedule, series_bytes
 from budget_callback.snapshots.series import Series
@@ -19,16 +20,30 @@ from helpers import write_series
 LAYOUT = SnapshotLayout(5, 3, "bfloat16")
 
 
-def _w(step):
-    return {"unembedding": torch.full((5, 3), float(step), dtype=torch.bfloat16)}
+def _image(layout, placement, value):
+    image = FileImage(layout)
+    for view in image.prepare(placement.step, placement.every).values():
+        view.fill_(value)
+    return image
 
 
 def test_files_and_manifest_are_complete(tmp_path):
-    series, _ = write_series(tmp_path, LAYOUT, range(1, 5))
+    series, writer = write_series(tmp_path, LAYOUT, range(1, 5))
     assert series.bytes_written == series_bytes(LAYOUT, 4, 1) == series.schedule.due_bytes()
     manifest = json.loads((tmp_path / MANIFEST).read_text())
     assert manifest["last_step"] == 4 and manifest["files_written"] == 4 and manifest["dtype"] == "bfloat16"
     assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # no temporaries left
+    assert writer.stats.grouped_files == 4  # small files: committed together
+
+
+def test_a_large_file_goes_straight_from_its_image(tmp_path):
+    layout = SnapshotLayout(4096, 1024, "float32")  # 16 MiB: over the group threshold
+    series, writer = write_series(tmp_path, layout, [1, 2])
+    assert writer.stats.direct_files == 2 and writer.stats.fallback is None  # O_DIRECT on this ext4
+    reader = SnapshotReader(tmp_path)
+    assert torch.equal(reader.load(2), torch.full((4096, 1024), 2.0))
+    assert series.bytes_written == series_bytes(layout, 2, 1) == sum(
+        os.path.getsize(tmp_path / n) for n in os.listdir(tmp_path) if n.endswith(".safetensors"))
 
 
 def test_partial_stack_is_flushed_on_close(tmp_path):
@@ -46,7 +61,8 @@ def test_checkpoint_flush_keeps_the_stack_open_and_rewrites_it_in_place(tmp_path
     writer = SnapshotWriter(series)
     writer.start()
     for step in range(1, 7):
-        writer.submit(series.place(step), _w(step))
+        p = series.place(step)
+        writer.submit(p, _image(layout, p, step))
         if step == 2:
             writer.flush(final=False)  # before a checkpoint: steps 1-2 durable, in the file of step 1
             assert series.files == {1: (2, layout.file_bytes(1, 2, 1))}
@@ -55,18 +71,23 @@ def test_checkpoint_flush_keeps_the_stack_open_and_rewrites_it_in_place(tmp_path
     assert series.bytes_written == series_bytes(layout, 6, 1)
 
 
+def _failing_at(monkeypatch, step, error):
+    real = diskio.write_snapshot_file
+
+    def failing(path, header, tensors, *args, **kwargs):
+        if step_of_name(os.path.basename(path)) == step:
+            tmp = diskio.temporary_path(path)
+            tmp.write_bytes(b"partial")
+            tmp.unlink()  # as write_snapshot_file cleans its temporary
+            raise error
+        return real(path, header, tensors, *args, **kwargs)
+
+    monkeypatch.setattr(diskio, "write_snapshot_file", failing)
+
+
 def test_disk_full_loses_one_snapshot_and_keeps_going(tmp_path, monkeypatch):
     """Portable ENOSPC: the write of step 3 fails as a full disk would."""
-    real = writer_module.save_file
-
-    def failing(tensors, path, metadata=None):
-        if metadata["first_step"] == "3":
-            with open(path, "wb") as fh:
-                fh.write(b"partial")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(tensors, path, metadata=metadata)
-
-    monkeypatch.setattr(writer_module, "save_file", failing)
+    _failing_at(monkeypatch, 3, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     series, _ = write_series(tmp_path, LAYOUT, range(1, 6))
     assert series.lost == 1 and series.events[0]["event"] == "disk_full"
     assert SnapshotReader(tmp_path).steps == [1, 2, 4, 5]
@@ -74,14 +95,12 @@ def test_disk_full_loses_one_snapshot_and_keeps_going(tmp_path, monkeypatch):
 
 
 def test_writer_error_surfaces_in_training_thread(tmp_path, monkeypatch):
-    def broken(*args, **kwargs):
-        raise RuntimeError("disk controller on fire")
-
-    monkeypatch.setattr(writer_module, "save_file", broken)
+    _failing_at(monkeypatch, 1, RuntimeError("disk controller on fire"))
     series = Series(tmp_path, LAYOUT, "r", Schedule.start(LAYOUT, 1))
     w = SnapshotWriter(series)
     w.start()
-    w.submit(series.place(1), _w(1))
+    p = series.place(1)
+    w.submit(p, _image(LAYOUT, p, 1.0))
     with pytest.raises(SnapshotWriteError, match="disk controller on fire") as info:
         w.flush()
     assert isinstance(info.value.__cause__, RuntimeError)
