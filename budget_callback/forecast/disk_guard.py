@@ -39,15 +39,16 @@ def next_check(schedule: Schedule, final_step: int, available: int) -> int:
 
 
 def decide(schedule: Schedule, final_step: int, free_bytes: int, budget_bytes: int | None, on_disk_bytes: int,
-           policy: str) -> GuardDecision:
+           policy: str, headroom_bytes: int = 0) -> GuardDecision:
     """What to do after the batch end at ``schedule.last_step`` with ``free_bytes`` free.
 
     ``on_disk_bytes``: the series' bytes already on disk; ``budget_bytes``: the
-    user's disk budget for the whole series (None: free space only). The rest of
+    user's disk budget for the whole series (None: free space only); ``headroom_bytes``: kept free for a
+    stacked file rewritten bigger after a checkpoint (old and new copy at once). The rest of
     the series needs ``projected - on_disk`` bytes; an interval change applies
     from the next step, so a snapshot already due is never skipped.
     """
-    room = free_bytes if budget_bytes is None else min(free_bytes, budget_bytes - on_disk_bytes)
+    room = (free_bytes if budget_bytes is None else min(free_bytes, budget_bytes - on_disk_bytes)) - headroom_bytes
     needed = schedule.projected_bytes(final_step) - on_disk_bytes
     every = schedule.every
     if schedule.paused or needed <= room:

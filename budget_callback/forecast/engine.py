@@ -168,6 +168,10 @@ def _storage(inputs: PlanInputs, every: int, n_params: int, n_tensors: int, entr
     kept = inputs.logging.checkpoints_kept(inputs.steps)
     usage = wandb_usage(inputs.logging, inputs.steps, ckpt)
     per_file = min(snap.snapshots_per_file, max(1, count))
+    # a checkpoint writes the open stacked file as it stands, and later rewrites it bigger: while the new
+    # copy is written the old one is still there
+    rewrite = layout.file_bytes(every, per_file, every) if layout.stacked and inputs.logging.checkpoint_every_n_steps \
+        else 0
     scaling = []
     for vocab in SCALING_VOCAB_SIZES:
         trial = replace(layout, vocab_size=vocab)
@@ -186,7 +190,9 @@ def _storage(inputs: PlanInputs, every: int, n_params: int, n_tensors: int, entr
         "checkpoints_kept": kept,
         "checkpoints_bytes": kept * ckpt,
         "wandb_staging_bytes": usage["artifact_staging_bytes"],
-        "total_bytes": snaps + ((kept * ckpt + usage["artifact_staging_bytes"]) if inputs.checkpoints_share_disk else 0),
+        "rewrite_headroom_bytes": rewrite,
+        "total_bytes": snaps + rewrite + ((kept * ckpt + usage["artifact_staging_bytes"])
+                                          if inputs.checkpoints_share_disk else 0),
         "host_buffer_bytes": host_buffer_bytes(layout, snap.queue_depth),
         "scaling": scaling,
     }
@@ -233,6 +239,7 @@ def forecast(inputs: PlanInputs, measured: Measured | None = None, free_disk_byt
         mem["activations"] = {"total": mem["phases"]["forward_backward"]["activations"]}
         mem["activations_method"] = measured.method
         mem["max_batch_size"] = mem["min_devices"] = None
+        mem["limits_known"] = measured.trace is not None
         if measured.trace is not None:
             mem["trace"] = {k: v for k, v in measured.trace.items() if isinstance(v, int)}
             mem["trace_per_sample"] = measured.trace_per_sample
@@ -246,6 +253,7 @@ def forecast(inputs: PlanInputs, measured: Measured | None = None, free_disk_byt
         mem["activations"] = activation_bytes(shape, setup)
         mem["activations_method"] = (measured.method if measured else "analytic transformer") + (
             " (flash attention)" if setup.flash_attention else " (materialised attention)")
+        mem["limits_known"] = True
         mem["max_batch_size"] = max_batch_size(shape, setup, budget_memory, n, capture_bytes=capture) \
             if budget_memory else None
         mem["min_devices"] = min_devices(shape, setup, budget_memory, n, capture_bytes=capture) \
@@ -295,6 +303,16 @@ def forecast(inputs: PlanInputs, measured: Measured | None = None, free_disk_byt
     if not verdicts["disk"].fits:
         room = disk_budget - other_disk
         solved = solve_interval(start, inputs.steps, room) if room >= 0 else None
+        headroom = storage["rewrite_headroom_bytes"]
+        if solved is None and headroom:  # fewer snapshots per file need less headroom: the least, then check
+            least = inputs.layout().file_bytes(current, 1, current)
+            solved = solve_interval(start, inputs.steps, room + headroom - least)
+            for _ in range(64):
+                if solved is None or _storage(inputs, solved, n, n_tensors, entries)["total_bytes"] <= disk_budget:
+                    break
+                solved = solve_interval(start, inputs.steps, room + headroom - least, at_least=solved + 1)
+            else:
+                solved = None
         verdicts["disk"].advice = _disk_advice(solved, current, inputs, room, storage["snapshot_bytes"])
         if budgets.on_exceed == "downsample" and solved is not None:
             every, decision = solved, "downsampled"

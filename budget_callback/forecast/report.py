@@ -48,10 +48,14 @@ def render(f: Forecast) -> str:
     for name, other in m["phases"].items():
         if name != m["peak_phase"]:
             out.append(f"  other phase ({name.replace('_', ' ')}): {format_bytes(other['total'])}")
-    if m.get("budget_bytes"):
-        out.append(f"  memory budget {format_bytes(m['budget_bytes'])}: largest micro-batch that fits "
-                   f"{m['max_batch_size'] if m['max_batch_size'] is not None else 'none'}, fewest devices "
-                   f"{m['min_devices'] if m['min_devices'] is not None else 'none under ' + setup.strategy}")
+    if m.get("budget_bytes") and not m.get("limits_known", True):
+        out.append(f"  memory budget {format_bytes(m['budget_bytes'])}: largest micro-batch and fewest devices unknown "
+                   "(the step could not be traced)")
+    elif m.get("budget_bytes"):
+        largest = m["max_batch_size"]
+        largest = "none" if largest is None else (f"{largest:,}+" if largest >= 1 << 20 else f"{largest:,}")
+        out.append(f"  memory budget {format_bytes(m['budget_bytes'])}: largest micro-batch that fits {largest}, "
+                   f"fewest devices {m['min_devices'] if m['min_devices'] is not None else 'none under ' + setup.strategy}")
     out.append("")
     fl = f.flops
     out += _table("FLOPs", [(f"forward/{k}", format_count(v)) for k, v in fl["forward_per_sequence"].items() if k != "total"]
@@ -76,6 +80,7 @@ def render(f: Forecast) -> str:
         ("one checkpoint", format_bytes(st["checkpoint_bytes"])),
         (f"checkpoints kept ({st['checkpoints_kept']})", format_bytes(st["checkpoints_bytes"])),
         ("W&B staging copies", format_bytes(st["wandb_staging_bytes"])),
+        ("stacked-file rewrite headroom", format_bytes(st["rewrite_headroom_bytes"])),
         ("total on disk", format_bytes(st["total_bytes"])),
         ("host RAM for buffered snapshots", format_bytes(st["host_buffer_bytes"]))])
     out.append("  vocab scaling:  " + "  ".join(f"V={r['vocab_size']:,}: {format_bytes(r['snapshot_bytes'])}" for r in st["scaling"]))

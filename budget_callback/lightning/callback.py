@@ -149,8 +149,9 @@ class BudgetCallback(Callback):
         else:
             self._pending_state = dict(state_dict)
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._fit.start(trainer, pl_module)
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if self._fit is not None and self._fit.schedule is None:  # the first batch: start before its step
+            self._fit.start(trainer, pl_module, batch)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:

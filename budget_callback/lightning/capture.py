@@ -2,7 +2,8 @@
 
 One mechanism for every device, with a device-specific copy:
 
-* a ring of ``queue_depth + 2`` host buffers per matrix, allocated once (pinned on CUDA): one being
+* a ring of at most ``queue_depth + 2`` host buffers (pinned on CUDA), each laid out as one whole file
+  (:class:`~budget_callback.snapshots.image.FileImage`), made when first needed and reused: one being
   filled, at most ``queue_depth`` waiting for the writer, one being written. A buffer goes back to
   the ring when the writer is done with it; when none is free the step waits (``when_behind="wait"``,
   timed as back-pressure) or the snapshot is dropped and counted (``"drop"``);
@@ -11,6 +12,11 @@ One mechanism for every device, with a device-specific copy:
   optimizer's next kernels are ordered after it); on the CPU a copier thread does it while the next
   forward and backward run, and :meth:`Capture.wait` (the callback's ``on_before_optimizer_step``)
   makes sure it has read W before the optimizer changes it.
+* ``overlap=False`` (guarded): other code runs between the steps that could change W in place (the
+  module's own hooks, a weight-averaging callback): each snapshot's copy is finished before
+  :meth:`take` returns, still off the training thread's allocator. In both modes the copy checks W's
+  version counter: a W changed while it was read is never written (the snapshot is dropped,
+  counted, and the capture turns guarded).
 
 The training thread only places the request: its time per snapshot is bookkeeping, not bytes.
 A sharded W is gathered first by every rank (a collective), on the training thread.
@@ -43,6 +49,7 @@ class CaptureStats:
     copy_waits: int = 0  # times the optimizer step waited for a copy to finish reading W
     copy_wait_seconds: float = 0.0
     taken: int = 0
+    torn: int = 0  # snapshots dropped because W changed while it was being copied
 
 
 class Capture:
@@ -50,12 +57,14 @@ class Capture:
     is gathered collectively); only the writing rank copies, and hands each filled buffer to ``ready``."""
 
     def __init__(self, sources: dict[str, MatrixSource], layout: SnapshotLayout, queue_depth: int, writes: bool,
-                 gather: Callable[[], contextlib.AbstractContextManager] | None = None, when_behind: str = "wait"
-                 ) -> None:
+                 gather: Callable[[], contextlib.AbstractContextManager] | None = None, when_behind: str = "wait",
+                 overlap: bool = True, on_torn: Callable[[int], None] | None = None) -> None:
         self.sources = sources
         self.layout = layout
         self.writes = writes
         self.when_behind = when_behind
+        self.overlap = overlap
+        self.on_torn = on_torn
         self.stats = CaptureStats()
         self._gather = gather
         self._size = ring_size(queue_depth)
@@ -66,17 +75,14 @@ class Capture:
         self._error: BaseException | None = None
 
     # --- the ring ----------------------------------------------------------------------------
-    def _allocate(self, matrices: dict[str, torch.Tensor]) -> None:
-        pin = any(w.device.type == "cuda" for w in matrices.values())
-        for i in range(self._size):
-            self._ring.append(FileImage(self.layout, pin_memory=pin))
-            self._free.put(i)
-
-    def _acquire(self) -> int | None:
+    def _acquire(self, pin: bool) -> int | None:
         try:
             return self._free.get_nowait()
         except queue.Empty:
             pass
+        if len(self._ring) < self._size:  # grown on demand: a writer that keeps up needs two or three
+            self._ring.append(FileImage(self.layout, pin_memory=pin))
+            return len(self._ring) - 1
         if self.when_behind == "drop":
             self.stats.dropped += 1
             return None
@@ -108,9 +114,7 @@ class Capture:
             matrices = {name: source.matrix() for name, source in self.sources.items()}  # collective if sharded
             if not self.writes:
                 return False
-            if not self._ring:
-                self._allocate(matrices)
-            slot = self._acquire()
+            slot = self._acquire(any(w.device.type == "cuda" for w in matrices.values()))
             if slot is None:
                 return False
             self.stats.taken += 1
@@ -124,7 +128,10 @@ class Capture:
                 ready(image, event, self._release(slot))
                 return True
         self._start_copier()
-        self._requests.put((image, matrices, ready, self._release(slot)))
+        versions = {name: w._version for name, w in matrices.items()}
+        self._requests.put((image, matrices, versions, step, ready, self._release(slot)))
+        if not self.overlap:
+            self.wait()
         return True
 
     def _start_copier(self) -> None:
@@ -139,12 +146,20 @@ class Capture:
                 if request is None:
                     return
                 if self._error is None:
-                    image, matrices, ready, release = request
+                    image, matrices, versions, step, ready, release = request
                     with torch.no_grad():
                         for name, w in matrices.items():
                             image.tensors[name].copy_(w)
+                    changed = any(w._version != versions[name] for name, w in matrices.items())
                     del matrices  # W is read: the optimizer may change it now
-                    ready(image, None, release)
+                    if changed:  # something wrote W while it was read: never write a torn snapshot
+                        release()
+                        self.stats.torn += 1
+                        self.overlap = False
+                        if self.on_torn is not None:
+                            self.on_torn(step)
+                    else:
+                        ready(image, None, release)
             except BaseException as err:  # noqa: BLE001 - surfaced on the training thread
                 self._error = err
             finally:

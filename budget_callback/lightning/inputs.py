@@ -97,19 +97,6 @@ def optimizer_settings(trainer: pl.Trainer, on_cuda: bool) -> tuple[str, float, 
     return name, momentum, impl, opt
 
 
-def first_batch(trainer: pl.Trainer):
-    """One batch from the train dataloader (for activation shapes); every rank must call this
-    (iterating a distributed loader can hold a barrier)."""
-    loader = trainer.train_dataloader
-    if loader is None:
-        return None
-    if isinstance(loader, (list, tuple)):
-        loader = loader[0]
-    if isinstance(loader, dict):
-        loader = next(iter(loader.values()))
-    return next(iter(loader))
-
-
 def batch_dims(batch) -> tuple[int, int] | None:
     """(micro-batch, sequence length) from the first 2-D integer tensor in the batch."""
     stack = [batch]
@@ -336,3 +323,28 @@ def describe_module(module: nn.Module, layout) -> dict:
     return {"name": type(module).__name__, "declared": False, "parameters": counts["total"],
             "tensors": counts["tensors"], "layers": layers, "tied": layout.tied, "vocab_size": layout.vocab_size,
             "hidden_dim": layout.hidden_dim}
+
+
+# Lightning callbacks known not to change the weights between an optimizer step and the next
+_SAFE_CALLBACKS = ("ModelCheckpoint", "EarlyStopping", "LearningRateMonitor", "TQDMProgressBar", "RichProgressBar",
+                   "ModelSummary", "RichModelSummary", "Timer", "ThroughputMonitor", "DeviceStatsMonitor",
+                   "GradientAccumulationScheduler", "BudgetCallback", "LearningRateFinder", "BatchSizeFinder")
+# hooks that run between a batch's end and the next optimizer step
+_BETWEEN_STEPS = ("on_train_batch_end", "on_train_batch_start", "on_train_epoch_end", "on_train_epoch_start",
+                  "on_validation_start", "on_validation_epoch_start", "on_validation_batch_start",
+                  "on_validation_batch_end", "on_validation_epoch_end", "on_validation_end",
+                  "on_before_zero_grad", "on_before_backward", "on_after_backward")
+
+
+def weight_writers(trainer: pl.Trainer, module: pl.LightningModule) -> list[str]:
+    """Code that runs between an optimizer step and the next and could change W in place: the module's
+    own hooks, and callbacks other than Lightning's read-only ones (``EMAWeightAveraging`` swaps weights)."""
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    found = [f"{type(module).__name__}.{hook}" for hook in _BETWEEN_STEPS if is_overridden(hook, module)]
+    for cb in trainer.callbacks:
+        if type(cb).__name__ in _SAFE_CALLBACKS:
+            continue
+        found += [f"{type(cb).__name__}.{hook}" for hook in _BETWEEN_STEPS if is_overridden(hook, cb, Callback)]
+    return found

@@ -107,9 +107,13 @@ def find_unembedding(module: nn.Module, spec: str | Callable[[nn.Module], torch.
     layer = _find_method(module, "get_output_embeddings")
     if layer is not None:
         return _param_source(module, _name_of(module, layer.weight), vocab_hint)
+    params = dict(module.named_parameters(remove_duplicate=False))
     for suffix in UNEMBEDDING_NAMES:
         for name in names:
-            if name == suffix or name.endswith("." + suffix):
+            shape = tuple(params[name].shape)
+            if vocab_hint is not None and vocab_hint not in shape:
+                continue  # a head with this name but not over the vocabulary (a value head, a classifier)
+            if (name == suffix or name.endswith("." + suffix)) and len(shape) == 2:
                 return _param_source(module, name, vocab_hint)
     if vocab_hint is not None:  # the last linear layer that maps to the vocabulary, whatever its name
         heads = [m for m in module.modules() if isinstance(m, nn.Linear) and m.out_features == vocab_hint]

@@ -92,15 +92,17 @@ class FitSession:
             self.lock.acquire()
         decide_on_rank_zero(trainer.strategy, check)
 
-    # --- train start: forecast, decide, open the series, start the writer ------------------------------------
-    def start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+    # --- before the first step: forecast, decide, open the series, start the writer ---------------------------
+    def start(self, trainer: pl.Trainer, module: pl.LightningModule, batch) -> None:
+        """Before the first training step (the first ``on_train_batch_start``: checkpoint state is restored
+        under every strategy, and ``batch`` is the run's own first batch: nothing is drawn from the data
+        and no random state is touched)."""
         strategy = trainer.strategy
         sources, layout, sharded = on_every_rank(strategy, lambda: self._locate(trainer, module))
         stride = R.steps_per_batch(trainer, module)
         facts = FitFacts(layout, stride, on_every_rank(strategy, lambda: R.final_step(trainer, stride)),
                          trainer.global_step, sharded, R.memory_budget_default(module)[1],
                          capture_device_bytes(sources, layout, sharded))
-        batch = R.first_batch(trainer)  # every rank: iterating the loader may hold a barrier
         plan: SeriesPlan | None = None
 
         def decide() -> Forecast:
@@ -125,9 +127,13 @@ class FitSession:
             warnings.warn("budget-callback: " + " | ".join(failed), stacklevel=2)
         state = decide_on_rank_zero(strategy, lambda: self._open(trainer, plan, result, layout, stride))
         self.schedule = self.series.schedule if self.series else Schedule.from_state(layout, state)
-        self.capture = Capture(sources, layout, self.config.queue_depth,
-                               writes=self.writer is not None, gather=R.full_params(trainer, sharded),
-                               when_behind=self.config.when_behind)
+        writers = R.weight_writers(trainer, module)
+        self.capture = Capture(sources, layout, self.config.queue_depth, writes=self.writer is not None,
+                               gather=R.full_params(trainer, sharded), when_behind=self.config.when_behind,
+                               overlap=not writers, on_torn=self._torn if self.series else None)
+        if writers and self.series is not None:
+            self.series.event({"step": trainer.global_step, "event": "copy_guarded",
+                               "reason": "code between the steps may change W: " + ", ".join(writers[:5])})
         self.tracker = RunTracker(result, R.module_peak_flops(trainer, module), facts.on_accelerator, wandb)
         self.next_check_step = trainer.global_step + 1
 
@@ -227,7 +233,7 @@ class FitSession:
             free = shutil.disk_usage(self.config.snapshot_dir).free
             on_disk = self.series.bytes_written + self.writer.uncommitted_bytes
             return disk_guard.decide(self.series.schedule, final, free, self.config.disk_budget, on_disk,
-                                     self.config.on_exceed)
+                                     self.config.on_exceed, self.forecast.storage["rewrite_headroom_bytes"])
         decision = decide_on_rank_zero(trainer.strategy, decide)
         self.next_check_step = decision.next_check_step
         if decision.action == "ok" or (decision.action == "warn" and self._warned):
@@ -257,6 +263,9 @@ class FitSession:
                                        len(self.series.events))
         self.tracker.log(trainer, metrics, step)
 
+    def _torn(self, step: int) -> None:
+        self.series.record_dropped(step, "W changed while it was being copied (the copy is guarded from now on)")
+
     def before_optimizer_step(self) -> None:
         """The copy of W taken at the last snapshot has read W before the optimizer changes it."""
         if self.capture is not None:
@@ -271,6 +280,7 @@ class FitSession:
 
     def state_dict(self) -> dict:
         if self.series is not None:
+            self.before_checkpoint()  # Lightning asks for the state before on_save_checkpoint: flush first
             return self.series.state_dict()
         if self.restored is not None:  # not started yet (e.g. lr_find saving before training): pass it on
             return dict(self.restored)

@@ -19,6 +19,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import types
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -133,7 +134,44 @@ def _fake_module(module: nn.Module, fake_mode: FakeTensorMode, skip: tuple = ())
                 if isinstance(t, torch.Tensor) and id(t) not in memo:
                     memo[id(t)] = _fake_like(fake_mode, t)
     with fake_mode:
-        return copy.deepcopy(module, memo), memo
+        fake = copy.deepcopy(module, memo)
+    return _run_eagerly_on_itself(fake, memo), memo
+
+
+_STEP_METHODS = ("forward", "training_step", "validation_step", "test_step", "predict_step")
+
+
+def _run_eagerly_on_itself(fake: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """Make the copy run eagerly, on its own tensors.
+
+    A compiled module keeps wrappers that refer to the *original* module: Lightning's
+    ``from_compiled`` (``trainer.fit(torch.compile(model))``) puts dynamo-wrapped step methods
+    on the instance, ``torch.compile(submodule)`` wraps the original submodule's ``__call__``,
+    ``nn.Module.compile()`` keeps a compiled ``_call_impl``, and any bound method stored on an
+    instance is bound to the original. Left alone, the trace would run the real module, and
+    under dynamo. Here every wrapper is dropped and every bound method rebound to the copy.
+    """
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    if isinstance(fake, OptimizedModule):
+        fake = fake._orig_mod
+    for parent in list(fake.modules()):
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, OptimizedModule):
+                parent._modules[name] = child._orig_mod
+    for mod in fake.modules():
+        if getattr(mod, "_compiler_ctx", None):
+            for name in _STEP_METHODS:
+                mod.__dict__.pop(name, None)
+            mod._compiler_ctx = None
+        if getattr(mod, "_compiled_call_impl", None) is not None:
+            mod._compiled_call_impl = None
+        for name, value in list(vars(mod).items()):
+            if inspect.ismethod(value) and id(value.__self__) in memo:
+                setattr(mod, name, types.MethodType(value.__func__, memo[id(value.__self__)]))
+        if callable(getattr(mod, "log_dict", None)):  # a LightningModule's logging: no memory to speak of
+            mod.log = mod.log_dict = lambda *args, **kwargs: None
+    return fake
 
 
 def rebuild_optimizer(optimizer: torch.optim.Optimizer, mapping: dict[int, Any],
@@ -177,7 +215,21 @@ def _loss_tensor(out: Any) -> torch.Tensor:
     return out
 
 
-def trace_training_step_memory(
+def trace_training_step_memory(*args, **kwargs) -> dict[str, Any]:
+    """:func:`_trace` (its docstring says everything); a step that reads a value out of a tensor
+    (``loss.item()`` for a print or a log: fake tensors have no values) is traced again with a shape
+    environment, in which such a value is a symbol that can be carried but not branched on."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+
+    try:
+        return _trace(*args, **kwargs)
+    except DataDependentOutputException:
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        return _trace(*args, shape_env=ShapeEnv(), **kwargs)
+
+
+def _trace(
     module: nn.Module,
     batch: Any,
     loss_fn: Callable[[nn.Module, Any], Any],
@@ -188,6 +240,7 @@ def trace_training_step_memory(
     manual: bool = False,
     autocast_dtype: torch.dtype | None = None,
     skip: tuple = (),
+    shape_env=None,
 ) -> dict[str, Any]:
     """Estimate the peak tensor memory of one steady-state training step, allocating nothing.
 
@@ -230,14 +283,14 @@ def trace_training_step_memory(
     """
     if autocast_dtype not in (None, torch.bfloat16, torch.float16):
         raise ValueError(f"`autocast_dtype` can be None, torch.bfloat16 or torch.float16, got {autocast_dtype}.")
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=shape_env)
     fmodule, memo = _fake_module(module, fake_mode, skip)
     fbatch = tree_map_only(torch.Tensor, functools.partial(_fake_like, fake_mode), batch)
     params = [p for p in fmodule.parameters() if p.requires_grad]
     if not params:
         raise ValueError("`module` has no parameters with `requires_grad=True`; there is nothing to train.")
 
-    with fake_mode:
+    with torch.compiler.set_stance("force_eager"), fake_mode:
         if optimizer is not None:
             given = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
             optimizers = [rebuild_optimizer(o, memo, optimizer_overrides) for o in given]
@@ -258,7 +311,7 @@ def trace_training_step_memory(
     tracker.reset_peak()
     autocast = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     counter = FlopCounterMode(display=False)
-    with fake_mode, tracker:
+    with torch.compiler.set_stance("force_eager"), fake_mode, tracker:
         tracker.set_phase("forward")
         with counter:
             with autocast:

@@ -79,10 +79,10 @@ class Series:
         with self._lock:
             self.events.append(dict(event))
 
-    def record_dropped(self, step: int) -> None:
+    def record_dropped(self, step: int, reason: str = "every host buffer waits for the writer") -> None:
         with self._lock:
             self.dropped += 1
-            self.events.append({"step": step, "event": "dropped", "reason": "writer queue full"})
+            self.events.append({"step": step, "event": "dropped", "reason": reason})
 
     # --- writer thread ------------------------------------------------------------------------------
     def record_file(self, first_step: int, count: int, size: int) -> None:

@@ -414,4 +414,6 @@ def test_host_ram_forecast_is_the_ring_the_capture_allocates(tmp_path):
     cb = BudgetCallback(tmp_path / "s", queue_depth=3, include_embedding=True)
     shape = ModelShape(vocab_size=30, d_model=4, n_layer=1, n_head=1, n_ctx=8, tied=False)
     trainer(tmp_path, [cb], max_steps=3).fit(TinyLM(shape), token_loader(vocab=30))
-    assert cb._fit.capture.host_bytes == cb.forecast.storage["host_buffer_bytes"] == (3 + 2) * 4096  # one page
+    # grown on demand up to the ring the forecast counts (one page-aligned file image each)
+    assert cb.forecast.storage["host_buffer_bytes"] == (3 + 2) * 4096
+    assert 4096 <= cb._fit.capture.host_bytes <= cb.forecast.storage["host_buffer_bytes"]
