@@ -402,10 +402,25 @@ def test_snapshot_of_step_s_is_w_after_step_s_with_a_slow_writer_and_a_fast_mode
         return real(*args, **kwargs)
 
     monkeypatch.setattr(diskio, "write_snapshot_file", slow)
-    rec = RecordW(lambda m: m.model.lm_head.weight)
+
+    class BeforeNextStep(Callback):
+        """W after step s, read when step s + 1 is about to change it (a hook the copy may overlap)."""
+
+        def __init__(self):
+            self.seen = {}
+
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            self.seen[trainer.global_step] = module.model.lm_head.weight.detach().clone()
+
+        def on_train_end(self, trainer, module):
+            self.seen[trainer.global_step] = module.model.lm_head.weight.detach().clone()
+
+    rec = BeforeNextStep()
     trainer(tmp_path, [cb, rec], max_steps=12).fit(TinyLM(), token_loader(n=100))
     reader = SnapshotReader(tmp_path / "s")
-    assert reader.steps == list(range(1, 13)) and cb._fit.capture.stats.waits >= 1
+    capture = cb._fit.capture
+    assert capture.overlap and capture.stats.torn == 0  # the copies overlapped the next forward and backward
+    assert reader.steps == list(range(1, 13)) and capture.stats.waits >= 1
     for step in reader.steps:
         assert torch.equal(reader.load(step), rec.seen[step])
 
