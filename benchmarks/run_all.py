@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, log, machine  # noqa: E402
 
-ORDER = ["streaming", "forecast_bytes", "wandb_run_file", "peak_memory", "setup_cost", "scaling"]
+ORDER = ["streaming", "snapshot_io", "forecast_bytes", "wandb_run_file", "peak_memory", "setup_cost", "scaling"]
 
 INTRO = """# Benchmarks
 

@@ -4,7 +4,8 @@ The headers of every file are read once (and checked against the file sizes, see
 :func:`.directory.scan`) into an index: for every step and name, an open file and the byte
 offset of that step's ``(V, D)`` matrix. After that no header is parsed again:
 
-* ``trajectory(token)`` -> ``(S, D)``: one ``preadv`` per step into a reused buffer;
+* ``trajectory(token)`` -> ``(S, D)``: rows copied out of the files mapped in memory while they are
+  in the page cache (no system call per row), else one ``preadv`` per step into a reused buffer;
 * ``rows(tokens)`` -> ``(T, S, D)``: few tokens: per step, one ``preadv`` per group of tokens
   within 4 KiB that scatters their rows into the result; many tokens: whole matrices, 64 MiB of
   steps at a time, gathered by ``index_select``;
@@ -12,17 +13,23 @@ offset of that step's ``(V, D)`` matrix. After that no header is parsed again:
 
 Cold data: the first pass reads with ``RWF_NOWAIT`` (cached rows cost one syscall each, the
 others fail fast); the missing rows are then requested all at once with
-``posix_fadvise(WILLNEED)``, so the disk serves them in parallel, and read. Files are replaced
-only by rename, so an open file keeps reading the complete file it opened.
+``posix_fadvise(WILLNEED)``, so the disk serves them in parallel, and read. A trajectory that
+found every row cached reads the next one from the memory maps; if that meets a page that has to
+come from the disk (a chunk of rows takes long), it goes back to the two passes for the rest.
+Files are replaced only by rename, so an open file keeps reading the complete file it opened. (A
+file truncated in place by another program is noticed by the mapped reads within a second, and
+reported; inside that second it would fault.)
 """
 
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import resource
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -32,6 +39,8 @@ from .directory import SnapshotFile, scan
 from .format import ITEMSIZE, NAMES
 
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+_ROW_SECONDS = 0.0002  # a mapped row slower than this came from the disk: back to the two passes
+_SIZE_CHECK_SECONDS = 1.0  # how often mapped reads check that no file was cut short in place
 _TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
@@ -70,6 +79,9 @@ class SnapshotReader:
         self._nowait = bool(_NOWAIT)
         self._lock = threading.Lock()
         self._fds: dict[int, str] = {}  # fd -> file name (for messages)
+        self._maps: dict[int, mmap.mmap] = {}  # fd -> the file mapped read-only
+        self._warm: dict[str, bool] = {}  # name -> the last trajectory found every row cached
+        self._sizes_checked = float("-inf")
         self._where: dict[str, dict[int, tuple[int, int]]] = {}  # name -> step -> (fd, offset of its matrix)
         self._open(found.files)
         self.steps: list[int] = sorted(self._where.get("unembedding", {}))
@@ -85,6 +97,9 @@ class SnapshotReader:
             for f in files:
                 fd = os.open(f.path, os.O_RDONLY | os.O_CLOEXEC)
                 self._fds[fd] = f.path.name
+                if f.size:
+                    self._maps[fd] = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+                    self._maps[fd].madvise(mmap.MADV_RANDOM)  # a fault reads its page, not a window
                 for name, info in f.tensors.items():
                     start = f.data_start + int(info["data_offsets"][0])
                     where = self._where.setdefault(name, {})
@@ -95,6 +110,9 @@ class SnapshotReader:
             raise
 
     def close(self) -> None:
+        for m in self._maps.values():
+            m.close()
+        self._maps = {}
         for fd in self._fds:
             os.close(fd)
         self._fds = {}
@@ -139,11 +157,12 @@ class SnapshotReader:
             return torch.empty(shape, dtype=self.dtype)
         return torch.frombuffer(buf, dtype=self.dtype).view(shape)
 
-    def _read(self, items, shift: int, size: int | None = None) -> None:
+    def _read(self, items, shift: int, size: int | None = None) -> int:
         """For each ``(fd, base, buffers[, nbytes])``: read at ``base + shift`` into ``buffers``.
 
         Pass 1 reads with RWF_NOWAIT: cached ranges are copied, the others fail fast. Pass 2 asks the
         kernel for every missing range at once (``posix_fadvise(WILLNEED)``), then reads them.
+        Returns how many ranges were not cached.
         """
         misses = []
         if self._nowait:
@@ -173,6 +192,28 @@ class SnapshotReader:
             if os.preadv(fd, buffers, base + shift) != want:
                 raise OSError(f"snapshot file {self._fds.get(fd, fd)} is shorter than its header says "
                               "(changed since the reader opened it)")
+        return len(misses)
+
+    def _read_mapped(self, items, shift: int, size: int) -> int:
+        """Copy rows out of the memory maps while they are cached; the index of the first row not read
+        (``len(items)`` when all were), stopping after a row slow enough to have waited for the disk."""
+        clock = time.perf_counter
+        if clock() - self._sizes_checked > _SIZE_CHECK_SECONDS:  # a file cut short under us: an error, not SIGBUS
+            if any(os.fstat(fd).st_size < len(m) for fd, m in self._maps.items()):
+                return 0
+            self._sizes_checked = clock()
+        t0 = clock()
+        for i, (fd, base, buffers) in enumerate(items):
+            m = self._maps.get(fd)
+            o = base + shift
+            if m is None or o + size > len(m):
+                return i
+            buffers[0][:] = m[o:o + size]
+            t1 = clock()
+            if t1 - t0 > _ROW_SECONDS:
+                return i + 1
+            t0 = t1
+        return len(items)
 
     # --- the reads -----------------------------------------------------------------------------
     def load(self, step: int, name: str = "unembedding") -> torch.Tensor:
@@ -196,7 +237,9 @@ class SnapshotReader:
                 self._buffers[name] = (buf, [(fd, base, (mv[i * rb:(i + 1) * rb],)) for i, (fd, base) in
                                              enumerate(index)])
             buf, items = self._buffers[name]
-            self._read(items, token * rb, rb)
+            done = self._read_mapped(items, token * rb, rb) if self._warm.get(name) else 0
+            if done < len(items):
+                self._warm[name] = self._read(items[done:], token * rb, rb) == 0
             out = bytearray(buf)
         return self._tensor(out, (len(index), self.hidden_dim))
 

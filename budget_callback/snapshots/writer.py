@@ -84,6 +84,7 @@ class SnapshotWriter:
         self._queue: queue.Queue[_Item | None] = queue.Queue()  # bounded by the capture's ring of buffers
         self._error: BaseException | None = None
         self._stack: _Stack | None = None
+        self._stacks: dict[str, torch.Tensor] | None = None
         self._group = diskio.GroupCommit(series.directory, fsync=series.fsync)
         self._grouped: list[tuple[list[int], int]] = []  # (steps, bytes) of the files in the open group
         self._manifest_at = 0.0
@@ -188,9 +189,7 @@ class SnapshotWriter:
         if self._stack is not None and self._stack.file_step != p.file_step:
             self._write_stack()  # the previous file ended early (a dropped snapshot, an interval change)
         if self._stack is None:
-            K = self.layout.snapshots_per_file
-            self._stack = _Stack(p.file_step, p.every,
-                                 {n: torch.empty((K, *t.shape), dtype=t.dtype) for n, t in image.tensors.items()})
+            self._stack = _Stack(p.file_step, p.every, self._stack_buffers(image.tensors))
         stack = self._stack
         for n, t in image.tensors.items():
             stack.buffers[n][len(stack.steps)].copy_(t)
@@ -211,14 +210,24 @@ class SnapshotWriter:
         if final:
             self._stack = None
 
+    def _stack_buffers(self, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The (K, V, D) buffers of a stacked file: allocated once (page-aligned, touched), reused by every file
+        (a fresh one per file cost more in page faults than the copies into it)."""
+        if self._stacks is None:
+            K = self.layout.snapshots_per_file
+            self._stacks = {}
+            for n, t in like.items():
+                raw = diskio.aligned_empty(K * t.numel() * t.element_size())
+                self._stacks[n] = raw[: K * t.numel() * t.element_size()].view(t.dtype).view(K, *t.shape)
+        return self._stacks
+
     def _code(self) -> str:
         return self.layout.tensors(1)[self.layout.names[0]][0]
 
     def _load_stack(self, f: SnapshotFile) -> _Stack:
-        K = self.layout.snapshots_per_file
         with safe_open(str(f.path), framework="pt") as fh:
             parts = {n: fh.get_tensor(n) for n in fh.keys()}
-        buffers = {n: torch.empty((K, *t.shape[1:]), dtype=t.dtype) for n, t in parts.items()}
+        buffers = self._stack_buffers({n: t[0] for n, t in parts.items()})
         for n, t in parts.items():
             buffers[n][: f.count].copy_(t)
         return _Stack(f.first_step, f.every, buffers, list(f.steps), (f.count, f.size))

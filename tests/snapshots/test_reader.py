@@ -100,3 +100,17 @@ def test_cold_reads_after_the_page_cache_is_dropped(snapshots):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             os.close(fd)
         assert torch.equal(r.trajectory(4), warm)
+
+
+def test_mapped_and_read_rows_are_the_same_and_a_cut_file_is_an_error(snapshots):
+    """A trajectory that found every row cached reads the next from memory maps; a file cut short under
+    the reader is an error naming it, not a crash."""
+    with SnapshotReader(snapshots) as r:
+        first = r.trajectory(2)  # read with pread
+        assert r._warm["unembedding"]
+        again = r.trajectory(2)  # from the maps
+        assert torch.equal(first.view(torch.int32), again.view(torch.int32))
+        (snapshots / "step_000000020.safetensors").write_bytes(b"cut")
+        r._sizes_checked = float("-inf")  # the next mapped read checks the sizes (at most a second later)
+        with pytest.raises(OSError, match="step_000000020.safetensors"):
+            r.trajectory(2)
