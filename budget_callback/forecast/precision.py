@@ -24,6 +24,7 @@ PRECISIONS = {
     "bf16-mixed": Precision("bf16-mixed", 4, 2, 4, True, "bfloat16"),
     "16-true": Precision("16-true", 2, 2, 2, False, "float16"),
     "bf16-true": Precision("bf16-true", 2, 2, 2, False, "bfloat16"),
+    "64-true": Precision("64-true", 8, 8, 8, False, "float64"),
 }
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -31,8 +32,13 @@ OPTIMIZER_IMPLS = ("foreach", "fused", "for-loop")
 STRATEGIES = ("ddp", "fsdp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3")
 
 
+def normalise(name: str | int) -> str:
+    """Lightning's spelling of a precision (``16`` -> ``16-mixed``, ``"64"`` -> ``64-true``)."""
+    return _ALIASES.get(str(name), str(name))
+
+
 def precision(name: str | int) -> Precision:
-    key = _ALIASES.get(str(name), str(name))
+    key = normalise(name)
     if key not in PRECISIONS:
         raise ValueError(f"`precision` must be one of {', '.join(PRECISIONS)}, got {name!r}")
     return PRECISIONS[key]

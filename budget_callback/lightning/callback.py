@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from .config import BudgetConfig
+from .distributed import raise_from_spawned_rank
 from .session import FitSession, RecordedForecast, recorded_run
 
 
@@ -100,9 +101,7 @@ class BudgetCallback(Callback):
 
     @property
     def bytes_written(self) -> int:
-        if self._fit:
-            return self._fit.series.bytes_written if self._fit.series else 0
-        return self._recorded().get("bytes_written", 0)
+        return self._fit.bytes_written() if self._fit else self._recorded().get("bytes_written", 0)
 
     @property
     def events(self) -> list[dict]:
@@ -174,6 +173,7 @@ class BudgetCallback(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self._fit is None:
+            raise_from_spawned_rank(exception)  # the main process of ddp_spawn: our error, as our type
             return
         try:
             self._fit.finish(trainer, failed=exception)
@@ -184,4 +184,8 @@ class BudgetCallback(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self._fit is not None:
-            self._fit.close()
+            try:
+                if trainer.is_global_zero:
+                    self._fit.note_idle()
+            finally:
+                self._fit.close()

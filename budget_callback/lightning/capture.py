@@ -14,9 +14,15 @@ One mechanism for every device, with a device-specific copy:
   makes sure it has read W before the optimizer changes it.
 * ``overlap=False`` (guarded): other code runs between the steps that could change W in place (the
   module's own hooks, a weight-averaging callback): each snapshot's copy is finished before
-  :meth:`take` returns, still off the training thread's allocator. In both modes the copy checks W's
-  version counter: a W changed while it was read is never written (the snapshot is dropped,
-  counted, and the capture turns guarded).
+  :meth:`take` returns, still off the training thread's allocator. In both modes W's version counter
+  is checked on the training thread once the copy is done and before its image goes to the writer
+  (overlapped: at :meth:`wait`, after the next forward and backward): a W changed in place while it
+  could have been read is never written (the snapshot is dropped, counted, and the capture turns
+  guarded). Writes through ``.data`` bypass the version counter: the fit-start trace finds those in a
+  training step it can trace (the capture then starts guarded, :mod:`.planning`), and the same check
+  compares a few rows of the copy, drawn at random, with the same rows read when the copy was placed
+  and read again now: a write to every row of W is seen whenever it happened (before, during or
+  after the copy), a write to a fraction f of the rows with probability about ``1 - (1 - f) ** 8``.
 
 The training thread only places the request: its time per snapshot is bookkeeping, not bytes.
 A sharded W is gathered first by every rank (a collective), on the training thread.
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +46,8 @@ from ..snapshots.image import FileImage
 from .locate import MatrixSource
 
 Ready = Callable[[FileImage, object, Callable[[], None]], None]
+_SAMPLED_ROWS = 8  # rows of each overlapped copy compared with W before it is written
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # compare as bits: NaN == NaN, -0.0 != 0.0
 
 
 @dataclass
@@ -50,6 +59,19 @@ class CaptureStats:
     copy_wait_seconds: float = 0.0
     taken: int = 0
     torn: int = 0  # snapshots dropped because W changed while it was being copied
+
+
+@dataclass
+class _Copied:
+    """A copy placed on the copier: checked on the training thread before its image goes to the writer."""
+
+    image: FileImage
+    watch: dict[str, torch.Tensor]  # the model's own matrices (empty for a gathered W)
+    versions: dict[str, int]  # their version counters when the copy was placed
+    sample: dict[str, tuple]  # a few rows of each, read when the copy was placed (overlapped copies only)
+    step: int
+    ready: Ready
+    release: Callable[[], None]
 
 
 class Capture:
@@ -67,10 +89,12 @@ class Capture:
         self.on_torn = on_torn
         self.stats = CaptureStats()
         self._gather = gather
+        self._rng = random.Random(0x5EED)  # its own generator: the run's random state is never touched
         self._size = ring_size(queue_depth)
         self._ring: list[FileImage] = []
         self._free: queue.Queue[int] = queue.Queue()
         self._requests: queue.Queue = queue.Queue()
+        self._copied: queue.Queue[_Copied] = queue.Queue()  # done by the copier, not yet checked and handed on
         self._copier: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -127,9 +151,14 @@ class Capture:
                 event.record()
                 ready(image, event, self._release(slot))
                 return True
+        self._settle()
         self._start_copier()
         versions = {name: w._version for name, w in matrices.items()}
-        self._requests.put((image, matrices, versions, step, ready, self._release(slot)))
+        # a gathered W is a private copy: nothing else writes it; the model's own W is watched until checked
+        watch = {} if self._gather is not None else matrices
+        sample = self._sample(watch, image) if self.overlap else {}  # guarded: checked before anything runs
+        self._requests.put((image, matrices, _Copied(image, watch, versions, sample, step, ready,
+                                                     self._release(slot))))
         if not self.overlap:
             self.wait()
         return True
@@ -146,35 +175,67 @@ class Capture:
                 if request is None:
                     return
                 if self._error is None:
-                    image, matrices, versions, step, ready, release = request
+                    image, matrices, copied = request
                     with torch.no_grad():
                         for name, w in matrices.items():
                             image.tensors[name].copy_(w)
-                    changed = any(w._version != versions[name] for name, w in matrices.items())
                     del matrices  # W is read: the optimizer may change it now
-                    if changed:  # something wrote W while it was read: never write a torn snapshot
-                        release()
-                        self.stats.torn += 1
-                        self.overlap = False
-                        if self.on_torn is not None:
-                            self.on_torn(step)
-                    else:
-                        ready(image, None, release)
+                    self._copied.put(copied)  # checked and handed on by the training thread (_settle)
+                else:
+                    request[2].release()
             except BaseException as err:  # noqa: BLE001 - surfaced on the training thread
                 self._error = err
             finally:
                 self._requests.task_done()
 
     def wait(self) -> None:
-        """Block until every copy placed so far has read W (before the optimizer changes it)."""
-        if self._copier is None or self._requests.unfinished_tasks == 0:
-            self._check()
-            return
-        self.stats.copy_waits += 1
-        start = time.perf_counter()
-        self._requests.join()
-        self.stats.copy_wait_seconds += time.perf_counter() - start
+        """Block until every copy placed so far has read W (before the optimizer changes it), then hand
+        the finished copies on (:meth:`_settle`)."""
+        if self._copier is not None and self._requests.unfinished_tasks:
+            self.stats.copy_waits += 1
+            start = time.perf_counter()
+            self._requests.join()
+            self.stats.copy_wait_seconds += time.perf_counter() - start
+        self._settle()
         self._check()
+
+    def _sample(self, matrices: dict[str, torch.Tensor], image: FileImage) -> dict[str, tuple]:
+        """A few rows of each matrix, drawn at random, as they will be stored: ``{name: (rows, values)}``."""
+        out = {}
+        for name, w in matrices.items():
+            rows = torch.tensor(self._rng.sample(range(w.shape[0]), min(_SAMPLED_ROWS, w.shape[0])))
+            out[name] = (rows, w.detach().index_select(0, rows).to(image.tensors[name].dtype))
+        return out
+
+    @staticmethod
+    def _differs(c: _Copied) -> bool:
+        """Whether the sampled rows of the copy differ (bit for bit) from W when the copy was placed or now."""
+        for name, (rows, then) in c.sample.items():
+            bits = _BITS[then.element_size()]
+            copied = c.image.tensors[name].index_select(0, rows).view(bits)
+            now = c.watch[name].detach().index_select(0, rows).to(then.dtype).view(bits)
+            if not (torch.equal(copied, then.view(bits)) and torch.equal(copied, now)):
+                return True
+        return False
+
+    def _settle(self) -> None:
+        """On the training thread: each finished copy goes to the writer if W's version counter has not moved
+        since the copy was placed; otherwise W was written in place while it could have been read (the
+        counter moves after the write, so a check on the copier could pass a half-written W): dropped,
+        counted, and from now on every copy is finished before the step goes on."""
+        while True:
+            try:
+                c = self._copied.get_nowait()
+            except queue.Empty:
+                return
+            if any(w._version != c.versions[name] for name, w in c.watch.items()) or self._differs(c):
+                c.release()
+                self.stats.torn += 1
+                self.overlap = False
+                if self.on_torn is not None:
+                    self.on_torn(c.step)
+            else:
+                c.ready(c.image, None, c.release)
 
     def _check(self) -> None:
         if self._error is not None:
@@ -184,10 +245,11 @@ class Capture:
             raise SnapshotWriteError(f"copying a snapshot failed: {err!r}") from err
 
     def close(self) -> None:
-        """Finish the copies placed so far and stop the copier (idempotent)."""
+        """Finish the copies placed so far, hand them on, and stop the copier (idempotent)."""
         if self._copier is not None and self._copier.is_alive():
             self._requests.join()
             self._requests.put(None)
             self._copier.join()
         self._copier = None
+        self._settle()
         self._check()

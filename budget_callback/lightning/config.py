@@ -8,12 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..forecast.budgets import POLICIES
-from ..snapshots.format import SNAPSHOT_DTYPES
+from ..snapshots.format import MAX_SNAPSHOTS_PER_FILE, SNAPSHOT_DTYPES
 from ..snapshots.writer import WHEN_BEHIND
 from ..units import parse_size
 from ..validate import boolean, one_of, positive_int
-
-MAX_SNAPSHOTS_PER_FILE = 1 << 20  # a file of more snapshots than this is never what anyone wants
 
 
 @dataclass(frozen=True)
@@ -42,6 +40,8 @@ class BudgetConfig:
                        when_behind, overwrite, fsync, verbose) -> BudgetConfig:
         if not isinstance(snapshot_dir, (str, os.PathLike)) or str(snapshot_dir) == "":
             raise ValueError(f"`snapshot_dir` must be a path (str or os.PathLike), got {snapshot_dir!r}")
+        if "\x00" in os.fsdecode(os.fspath(snapshot_dir)):
+            raise ValueError(f"`snapshot_dir` must not contain a NUL byte, got {snapshot_dir!r}")
         positive_int("save_every_n_steps", save_every_n_steps)
         one_of("snapshot_dtype", snapshot_dtype, SNAPSHOT_DTYPES)
         positive_int("snapshots_per_file", snapshots_per_file)
@@ -57,7 +57,7 @@ class BudgetConfig:
         positive_int("queue_depth", queue_depth)
         one_of("when_behind", when_behind, WHEN_BEHIND)
         return cls(
-            snapshot_dir=Path(os.path.abspath(os.path.expanduser(os.fspath(snapshot_dir)))),
+            snapshot_dir=Path(os.path.abspath(os.path.expanduser(os.fsdecode(os.fspath(snapshot_dir))))),
             save_every_n_steps=save_every_n_steps, snapshot_dtype=snapshot_dtype,
             snapshots_per_file=snapshots_per_file, unembedding=unembedding, include_embedding=include_embedding,
             disk_budget=None if disk_budget is None else parse_size(disk_budget, "disk_budget"),

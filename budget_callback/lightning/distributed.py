@@ -8,10 +8,11 @@ of the same kind.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ..errors import BudgetExceededError, SnapshotDirInUseError
+from ..errors import BudgetExceededError, SnapshotDirInUseError, SnapshotWriteError
 
 T = TypeVar("T")
 # error types re-raised as themselves on the other ranks (constructible from a message)
@@ -56,3 +57,22 @@ def on_every_rank(strategy: Any, work: Callable[[], T]) -> T:
     if not all_ok:
         raise RuntimeError("budget-callback: another rank failed while the callback started; see its error")
     return result
+
+
+_OURS = {cls.__name__: cls for cls in (BudgetExceededError, SnapshotDirInUseError, SnapshotWriteError)}
+_RAISED_IN_WORKER = re.compile(r"^budget_callback\.errors\.(\w+): (.*)", re.MULTILINE | re.DOTALL)
+
+
+def raise_from_spawned_rank(exception: BaseException) -> None:
+    """In the main process of ``ddp_spawn``, a rank's error arrives as torch's ``ProcessRaisedException``, which
+    carries only the rank's traceback as text: when that error was ours, raise it as its own type (with the
+    original chained), so ``except BudgetExceededError`` works as it does under every other strategy."""
+    try:
+        from torch.multiprocessing import ProcessRaisedException
+    except ImportError:  # pragma: no cover - older torch
+        return
+    if not isinstance(exception, ProcessRaisedException):
+        return
+    found = _RAISED_IN_WORKER.search(str(exception))
+    if found and found.group(1) in _OURS:
+        raise _OURS[found.group(1)](found.group(2).strip()) from exception

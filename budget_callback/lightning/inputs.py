@@ -6,6 +6,7 @@ import math
 import os
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from ..forecast.memory import TrainSetup
+from ..forecast.precision import PRECISIONS, normalise
 from ..forecast.shapes import ModelShape
 from ..forecast.console import END_LINE_CHARS, ConsoleSpec
 from ..forecast.wandb_usage import LoggingSpec
@@ -38,8 +40,24 @@ def strategy_name(trainer: pl.Trainer) -> str:
 
 
 def precision_name(trainer: pl.Trainer) -> str:
-    name = str(trainer.precision)
-    return {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}.get(name, name)
+    """The Trainer's precision as the forecast's tables know it. One they do not (``transformer-engine``,
+    a quantizing or custom plugin) is sized by the parameters' own dtype: see :func:`precision_note`."""
+    name = normalise(trainer.precision)
+    if name in PRECISIONS:
+        return name
+    dtypes = Counter()
+    for p in trainer.lightning_module.parameters() if trainer.lightning_module is not None else ():
+        dtypes[p.dtype] += p.numel()
+    dtype = dtypes.most_common(1)[0][0] if dtypes else torch.float32
+    return {torch.float64: "64-true", torch.bfloat16: "bf16-true", torch.float16: "16-true"}.get(dtype, "32-true")
+
+
+def precision_note(trainer: pl.Trainer) -> str | None:
+    name = normalise(trainer.precision)
+    if name in PRECISIONS:
+        return None
+    return (f"precision {str(trainer.precision)!r} has no table in the forecast: sized as "
+            f"{precision_name(trainer)} from the parameters' dtype")
 
 
 def steps_per_batch(trainer: pl.Trainer, module: pl.LightningModule) -> int:
@@ -52,27 +70,44 @@ def steps_per_batch(trainer: pl.Trainer, module: pl.LightningModule) -> int:
 
 def final_step(trainer: pl.Trainer, stride: int) -> int:
     """The ``global_step`` this fit will end at: the first batch end at or past ``max_steps``, or the last
-    batch of ``max_epochs``, batch ends every ``stride`` optimizer steps."""
-    try:
-        stepping = trainer.estimated_stepping_batches
-    except Exception as err:  # noqa: BLE001 - Lightning raises for an unsized dataloader and max_steps=-1
-        stepping, reason = math.inf, str(err)
-    else:
-        reason = ""
-    if stepping is None or stepping < 0:  # Lightning answers max_steps (-1) for an unsized loader
-        stepping = math.inf
+    batch of ``max_epochs`` (each epoch's accumulation as a ``GradientAccumulationScheduler`` sets it), batch
+    ends every ``stride`` optimizer steps."""
     limits = []
     if trainer.max_steps not in (None, -1):
         limits.append(-(-trainer.max_steps // stride) * stride)
-    if stride == 1 and not math.isinf(stepping):
-        limits.append(int(stepping))
-    elif stride > 1 and trainer.max_epochs not in (None, -1) and isinstance(trainer.num_training_batches, int):
-        limits.append(trainer.max_epochs * trainer.num_training_batches * stride)
+    epochs = _epoch_steps(trainer, stride)
+    if epochs is not None:
+        limits.append(epochs)
     if not limits:
-        raise ValueError("BudgetCallback needs to know how many optimizer steps the run takes: set `max_steps` on "
-                         "the Trainer (a dataloader without a length, such as an IterableDataset, cannot be counted "
-                         f"in epochs){': ' + reason if reason else ''}")
+        raise ValueError("BudgetCallback needs to know how many optimizer steps the run takes, and "
+                         + _why_unbounded(trainer) + ": set `max_steps` on the Trainer (it can be generous: "
+                         "the disk guard checks the room left as the run goes)")
     return min(limits)
+
+
+def _epoch_steps(trainer: pl.Trainer, stride: int) -> int | None:
+    """Optimizer steps in ``max_epochs`` epochs (None: no epoch limit, or batches that cannot be counted)."""
+    batches = trainer.num_training_batches
+    if trainer.max_epochs in (None, -1) or not isinstance(batches, int) or math.isinf(batches):
+        return None
+    if stride > 1:  # manual optimization: every batch steps each optimizer
+        return trainer.max_epochs * batches * stride
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    scheduler = next((cb for cb in trainer.callbacks if isinstance(cb, GradientAccumulationScheduler)), None)
+    # Lightning steps at every `accumulate`-th batch and at the epoch's last batch
+    if scheduler is None:
+        return -(-batches // int(trainer.accumulate_grad_batches)) * max(trainer.max_epochs, 1)
+    return sum(-(-batches // scheduler.get_accumulate_grad_batches(e)) for e in range(max(trainer.max_epochs, 1)))
+
+
+def _why_unbounded(trainer: pl.Trainer) -> str:
+    if trainer.max_epochs not in (None, -1):
+        return "the dataloader has no length to count epochs in (an IterableDataset)"
+    timer = next((cb for cb in trainer.callbacks if type(cb).__name__ == "Timer"), None)
+    if timer is not None and getattr(timer, "_duration", None):
+        return f"the Trainer is limited only by time (`max_time`, {timer._duration:g} s)"
+    return "the Trainer has no limit (`max_epochs=-1` and no `max_steps`)"
 
 
 def optimizer_settings(trainer: pl.Trainer, on_cuda: bool) -> tuple[str, float, str, torch.optim.Optimizer | None]:
@@ -289,8 +324,7 @@ def is_sharded(trainer: pl.Trainer, weight: torch.Tensor) -> bool:
 def module_peak_flops(trainer: pl.Trainer, module: nn.Module) -> float | None:
     """Dense peak FLOP/s of the device the module trains on, in the precision's compute dtype."""
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    compute = {"32-true": torch.float32, "16-mixed": torch.float16, "16-true": torch.float16}.get(
-        precision_name(trainer), torch.bfloat16)
+    compute = getattr(torch, PRECISIONS[precision_name(trainer)].torch_dtype)
     return device_peak_flops(device, compute)
 
 

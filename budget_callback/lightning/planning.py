@@ -53,8 +53,9 @@ def capture_device_bytes(sources: dict[str, MatrixSource], layout: SnapshotLayou
 
 
 def plan_fit(trainer: pl.Trainer, module: pl.LightningModule, config: BudgetConfig, facts: FitFacts, batch,
-             resume: dict | None, free_disk_bytes: int) -> Forecast:
-    """The forecast for this fit (rank 0): analytic for a module that declares its shape, else traced."""
+             resume: dict | None, free_disk_bytes: int, sources: dict[str, MatrixSource] | None = None) -> Forecast:
+    """The forecast for this fit (rank 0): analytic for a module that declares its shape, else traced. A traced
+    step also says whether it writes the matrices of ``sources`` in place (``model["written_in_step"]``)."""
     declared = R.find_shape(module)
     memory_default, on_accelerator = R.memory_budget_default(module)
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
@@ -85,8 +86,10 @@ def plan_fit(trainer: pl.Trainer, module: pl.LightningModule, config: BudgetConf
     memory, flops, method, trace, per_sample, found = None, None, "analytic transformer", None, None, None
     if declared is None:
         memory, flops, method, trace, per_sample = _trace(trainer, module, batch, setup, on_accelerator,
-                                                          facts.capture_device_bytes)
+                                                          facts.capture_device_bytes, _own_parameters(module, sources))
         found = R.describe_module(module, layout)
+        if trace is not None:
+            found["written_in_step"] = trace["written_in_step"]
     measured = Measured(n_params, n_tensors, R.state_dict_entries(module), memory, flops, method, trace, per_sample,
                         found)
     result = forecast(inputs, measured, free_disk_bytes=free_disk_bytes)
@@ -94,6 +97,8 @@ def plan_fit(trainer: pl.Trainer, module: pl.LightningModule, config: BudgetConf
         exact = replace(console, report_chars=len(REPORT_TITLE) + 1 + len(render(result)))
         inputs = replace(inputs, logging=replace(inputs.logging, console=exact))
         result = forecast(inputs, measured, free_disk_bytes=free_disk_bytes)
+    if R.precision_note(trainer):
+        result.notes.append(R.precision_note(trainer))
     if resume is not None:
         result.notes.append(f"resumed at step {facts.start_step}: the series continues "
                             f"(save_every_n_steps={result.save_every_n_steps})")
@@ -103,7 +108,19 @@ def plan_fit(trainer: pl.Trainer, module: pl.LightningModule, config: BudgetConf
     return result
 
 
-def _trace(trainer, module, batch, setup, on_accelerator: bool, capture: int):
+def _own_parameters(module: torch.nn.Module, sources: dict[str, MatrixSource] | None) -> dict[str, torch.Tensor]:
+    """The module's parameters that hold each source's matrix (same storage), by source name."""
+    found: dict[str, torch.Tensor] = {}
+    for name, source in (sources or {}).items():
+        try:
+            storage = source.get().untyped_storage()._cdata
+            found.update({name: p for p in module.parameters() if p.untyped_storage()._cdata == storage})
+        except (RuntimeError, NotImplementedError, AttributeError):  # a tensor subclass without one storage
+            continue
+    return found
+
+
+def _trace(trainer, module, batch, setup, on_accelerator: bool, capture: int, watch: dict | None = None):
     """Trace one training step with fake tensors on the CPU fake device, at the run's micro-batch and at
     another one: the difference is the per-sample slope (largest micro-batch that fits, fewest devices)."""
     autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(setup.precision)
@@ -117,7 +134,7 @@ def _trace(trainer, module, batch, setup, on_accelerator: bool, capture: int):
             return trace_training_step_memory(
                 module, b, lambda m, x: m.training_step(x, 0), optimizer_cls=torch.optim.SGD,
                 optimizer_kwargs={"lr": 0.0}, optimizer=optimizers, optimizer_overrides=overrides,
-                autocast_dtype=autocast, skip=(trainer,), manual=manual)
+                autocast_dtype=autocast, skip=(trainer,), manual=manual, watch=watch)
     try:
         first = trace(batch)
     except Exception as err:  # noqa: BLE001 - tracing is best effort; say so in the report

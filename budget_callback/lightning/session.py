@@ -10,9 +10,11 @@ Decisions are made on rank 0 and shared (:mod:`.distributed`).
 from __future__ import annotations
 
 import json
+import multiprocessing.util
 import os
 import shutil
 import warnings
+import weakref
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -24,6 +26,7 @@ from ..forecast.engine import Forecast
 from ..forecast.report import REPORT_TITLE, render
 from ..snapshots.format import MANIFEST, SnapshotLayout, host_buffer_bytes
 from ..snapshots.schedule import Schedule
+from ..snapshots.directory import scan
 from ..snapshots.series import Series, SeriesPlan, prepare, restored_series
 from ..snapshots.writer import SnapshotWriter
 from ..units import format_bytes
@@ -78,6 +81,9 @@ class FitSession:
         self.next_check_step = 0
         self.stop_reason: str | None = None
         self.final_projected: int | None = None
+        self.idle: dict | None = None  # a fit in which no batch ran: the series as its checkpoint left it
+        self._past_forecast = False
+        self._at_exit = None  # multiprocessing.util.Finalize: runs at exit in spawned workers too (atexit does not)
         self._lost_seen = 0
         self._warned = False
 
@@ -87,10 +93,33 @@ class FitSession:
             directory = self.config.snapshot_dir
             if directory.exists() and not directory.is_dir():
                 raise ValueError(f"`snapshot_dir` {str(directory)!r} exists and is not a directory")
-            if not os.access(_existing_parent(directory), os.W_OK):
+            parent = _existing_parent(directory)
+            if not parent.is_dir():
+                raise ValueError(f"`snapshot_dir` {str(directory)!r} cannot be made: {str(parent)!r} is a file")
+            if not os.access(parent, os.W_OK):
                 raise ValueError(f"`snapshot_dir` {str(directory)!r} is not writable")
             self.lock.acquire()
+            # Lightning calls no hook in a ddp_spawn worker whose fit raised: finish there as the process exits
+            self._at_exit = multiprocessing.util.Finalize(self, FitSession._abandoned, args=(weakref.ref(self),),
+                                                          exitpriority=100)
         decide_on_rank_zero(trainer.strategy, check)
+
+    @staticmethod
+    def _abandoned(ref: weakref.ref) -> None:
+        """The process exits and Lightning never ended this fit: write what was captured, mark the manifest
+        failed, release the lock (the same as ``on_exception`` then ``teardown``)."""
+        self = ref()
+        if self is None:
+            return
+        try:
+            if self.writer is not None and not self.writer.closed:
+                try:
+                    self.capture.close()
+                finally:
+                    self.writer.close()
+                    self.series.write_manifest("failed")
+        finally:
+            self.lock.release()
 
     # --- before the first step: forecast, decide, open the series, start the writer ---------------------------
     def start(self, trainer: pl.Trainer, module: pl.LightningModule, batch) -> None:
@@ -111,7 +140,7 @@ class FitSession:
             self._check_host_ram(layout)
             free = shutil.disk_usage(_existing_parent(self.config.snapshot_dir)).free + plan.reclaimable_bytes
             resume = plan.schedule.state() if plan.schedule is not None else None
-            return plan_fit(trainer, module, self.config, facts, batch, resume, free)
+            return plan_fit(trainer, module, self.config, facts, batch, resume, free, sources)
 
         self.forecast = result = decide_on_rank_zero(strategy, decide)
         self.facts = facts
@@ -128,6 +157,8 @@ class FitSession:
         state = decide_on_rank_zero(strategy, lambda: self._open(trainer, plan, result, layout, stride))
         self.schedule = self.series.schedule if self.series else Schedule.from_state(layout, state)
         writers = R.weight_writers(trainer, module)
+        writers += [f"{type(module).__name__}.training_step writes {name} in place (seen in the traced step)"
+                    for name in (result.model or {}).get("written_in_step", [])]
         self.capture = Capture(sources, layout, self.config.queue_depth, writes=self.writer is not None,
                                gather=R.full_params(trainer, sharded), when_behind=self.config.when_behind,
                                overlap=not writers, on_torn=self._torn if self.series else None)
@@ -214,10 +245,22 @@ class FitSession:
         if self.series is not None and trainer.world_size == 1 and self.series.lost > self._lost_seen:
             self._lost_seen = self.series.lost  # a write hit a full disk: look again now (one process only)
             self.next_check_step = step
+        if stepped and step > self.facts.final_step and not self._past_forecast:
+            self._ran_past_forecast(step)
         if stepped and step >= self.next_check_step and not self.schedule.paused and self.stop_reason is None:
             self._guard(trainer, step)
         if stepped and should_log(trainer):
             self._log(trainer, logger_step(trainer))
+
+    def _ran_past_forecast(self, step: int) -> None:
+        """The run took more steps than the forecast counted (the Trainer's limits changed, or a count was
+        wrong): say so once; the disk guard follows the steps as they come."""
+        self._past_forecast = True
+        text = (f"the run passed step {self.facts.final_step}, where the fit-start forecast expected it to end: "
+                f"the forecast's totals are too low; the disk guard follows the real steps")
+        warnings.warn(f"budget-callback: {text}", stacklevel=2)
+        if self.series is not None:
+            self.series.event({"step": step, "event": "past_forecast", "forecast_final_step": self.facts.final_step})
 
     def final_step(self, trainer: pl.Trainer) -> int:
         try:
@@ -231,7 +274,7 @@ class FitSession:
 
         def decide():
             free = shutil.disk_usage(self.config.snapshot_dir).free
-            on_disk = self.series.bytes_written + self.writer.uncommitted_bytes
+            on_disk = self.writer.on_disk_bytes
             return disk_guard.decide(self.series.schedule, final, free, self.config.disk_budget, on_disk,
                                      self.config.on_exceed, self.forecast.storage["rewrite_headroom_bytes"])
         decision = decide_on_rank_zero(trainer.strategy, decide)
@@ -259,12 +302,13 @@ class FitSession:
     def _log(self, trainer: pl.Trainer, step: int) -> None:
         if self.series is None or not trainer.loggers:
             return
-        metrics = self.tracker.metrics(trainer, self.series, self.capture, self.schedule.due_bytes(),
+        on_disk = self.writer.on_disk_bytes if self.writer is not None else self.series.bytes_written
+        metrics = self.tracker.metrics(trainer, self.series, self.capture, self.schedule.due_bytes(), on_disk,
                                        len(self.series.events))
         self.tracker.log(trainer, metrics, step)
 
     def _torn(self, step: int) -> None:
-        self.series.record_dropped(step, "W changed while it was being copied (the copy is guarded from now on)")
+        self.series.record_dropped(step, "W was changed in place while it could be read for this snapshot (every copy is finished before the step goes on from now on)")
 
     def before_optimizer_step(self) -> None:
         """The copy of W taken at the last snapshot has read W before the optimizer changes it."""
@@ -311,6 +355,9 @@ class FitSession:
 
     def close(self) -> None:
         """Teardown: the writer stopped, the lock released, the model no longer referenced."""
+        if self._at_exit is not None:
+            self._at_exit.cancel()
+            self._at_exit = None
         try:
             if self.capture is not None:
                 self.capture.close()
@@ -319,16 +366,46 @@ class FitSession:
         finally:
             self.lock.release()
 
+    def note_idle(self) -> None:
+        """At teardown of a fit in which no batch ran (resumed from a checkpoint already at the Trainer's
+        limit): nothing is touched; the figures are the series' as its checkpoint left it, from its files."""
+        state = restored_series(self.restored)
+        if self.series is not None or state is None or "layout" not in state:
+            return
+        layout = SnapshotLayout(**{k: v for k, v in state["layout"].items() if k != "names"})
+        found = scan(self.config.snapshot_dir)
+        if found.run_id not in (None, state.get("run_id")):
+            return
+        schedule = Schedule.from_state(layout, state["schedule"])
+        self.idle = {"projected_bytes": schedule.due_bytes(), "bytes_written": sum(f.size for f in found.files),
+                     "files": len(found.files), "last_step": schedule.last_step, "every": schedule.interval}
+
     def projected_bytes(self) -> int:
+        """The snapshot bytes due for the steps this fit ran to (the schedule's exact count, every interval
+        change included); the fit-start forecast for the whole run is ``forecast.storage``."""
         if self.final_projected is not None:
             return self.final_projected
+        if self.idle is not None:
+            return self.idle["projected_bytes"]
         if self.series is None:
             return 0
         return self.series.schedule.projected_bytes(self.facts.final_step)
 
+    def bytes_written(self) -> int:
+        if self.series is not None:
+            return self.series.bytes_written
+        return self.idle["bytes_written"] if self.idle is not None else 0
+
     def summary(self) -> str:
-        """One line: projected vs actual snapshot bytes, and the interval."""
+        """One line: projected vs actual snapshot bytes, the interval, and how the run compared with the
+        fit-start forecast."""
         series = self.series
+        if series is None and self.idle is not None:
+            i = self.idle
+            return (f"budget-callback summary: no batch ran in this fit (resumed at step {i['last_step']}, the "
+                    f"Trainer's limit); the series holds {format_bytes(i['bytes_written'])} "
+                    f"({i['bytes_written']:,} B) in {i['files']} file(s), projected {i['projected_bytes']:,} B, "
+                    f"difference {i['bytes_written'] - i['projected_bytes']:+,} B")
         if series is None:
             return "budget-callback summary: no snapshots (the series did not start)"
         due, actual = self.schedule.due_bytes(), series.bytes_written
@@ -340,7 +417,17 @@ class FitSession:
         return (f"budget-callback summary: snapshots projected {format_bytes(due)} ({due:,} B) by step "
                 f"{s.last_step}, actual {format_bytes(actual)} ({actual:,} B) in {len(series.files)} file(s), "
                 f"difference {actual - due:+,} B; save_every_n_steps={s.interval}{' (paused)' if s.paused else ''}"
-                f"{extra}")
+                f"{extra}{self._against_forecast()}")
+
+    def _against_forecast(self) -> str:
+        """How the run's length and bytes compare with the fit-start forecast, when they differ."""
+        f, last = self.forecast, self.schedule.last_step
+        if f is None or self.facts is None or last == self.facts.final_step:
+            return ""
+        planned = f.storage["snapshot_bytes"]
+        how = "ended early" if last < self.facts.final_step else "ran past the forecast"
+        return (f"; the fit-start forecast counted the run to step {self.facts.final_step}, "
+                f"{format_bytes(planned)} ({planned:,} B) of snapshots: it {how} at step {last}")
 
 
 # --- a fit that ran in another process (ddp_spawn) --------------------------------------------------------

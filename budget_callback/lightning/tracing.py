@@ -47,6 +47,9 @@ class _LiveStorageTracker(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
+        self.watched: dict[int, str] = {}  # storage -> name: in-place writes outside an optimizer step are noted
+        self.written: set[str] = set()
+        self.in_optimizer = 0
         self._refs: dict[int, weakref.ref] = {}
         self.current_bytes = 0
         self.peak_bytes = 0
@@ -89,9 +92,22 @@ class _LiveStorageTracker(TorchDispatchMode):
         self.current_bytes -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if self.watched and not self.in_optimizer and func._schema.is_mutable:
+            self._note_writes(func, args, kwargs or {})
         out = func(*args, **(kwargs or {}))
         self.track(out)
         return out
+
+    def _note_writes(self, func, args, kwargs) -> None:  # noqa: ANN001
+        for i, arg in enumerate(func._schema.arguments):
+            if arg.alias_info is None or not arg.alias_info.is_write:
+                continue
+            value = args[i] if i < len(args) else kwargs.get(arg.name)
+            for t in tree_leaves(value):
+                if isinstance(t, torch.Tensor):
+                    name = self.watched.get(t.untyped_storage()._cdata)
+                    if name is not None:
+                        self.written.add(name)
 
 
 def _storage_bytes(tensors: Any) -> int:
@@ -241,6 +257,7 @@ def _trace(
     autocast_dtype: torch.dtype | None = None,
     skip: tuple = (),
     shape_env=None,
+    watch: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Estimate the peak tensor memory of one steady-state training step, allocating nothing.
 
@@ -269,6 +286,8 @@ def _trace(
         autocast_dtype: if given (``torch.bfloat16`` or ``torch.float16``), run forward and loss
             under ``torch.autocast("cpu", dtype=autocast_dtype)``.
         skip: objects the module refers to that the copy must not hold (a Trainer): they become None.
+        watch: ``{name: tensor}`` of the module's own tensors (W, E): ``written_in_step`` lists those the
+            step writes in place outside an optimizer's ``step`` (``.data`` writes included).
 
     Returns:
         A dict of integer byte counts whose parts sum to ``peak_bytes``:
@@ -279,7 +298,7 @@ def _trace(
         ``train_flops`` counts forward + backward FLOPs (``torch.utils.flop_counter``).
         Also ``forward_peak_bytes``, ``backward_peak_bytes``, ``optimizer_peak_bytes``
         (the peak within each phase, not additive) and ``peak_phase`` (a string, the
-        phase in which the overall peak occurs).
+        phase in which the overall peak occurs). ``written_in_step``: see ``watch``.
     """
     if autocast_dtype not in (None, torch.bfloat16, torch.float16):
         raise ValueError(f"`autocast_dtype` can be None, torch.bfloat16 or torch.float16, got {autocast_dtype}.")
@@ -307,6 +326,13 @@ def _trace(
 
     states = [list(o.state.values()) for o in optimizers]
     tracker = _LiveStorageTracker()
+    for name, t in (watch or {}).items():
+        fake = memo.get(id(t))
+        if isinstance(fake, torch.Tensor):
+            tracker.watched[fake.untyped_storage()._cdata] = name
+    for o in optimizers:  # an optimizer's own writes to the parameters are what a step is
+        o.register_step_pre_hook(lambda *_: setattr(tracker, "in_optimizer", tracker.in_optimizer + 1))
+        o.register_step_post_hook(lambda *_: setattr(tracker, "in_optimizer", tracker.in_optimizer - 1))
     tracker.track((list(fmodule.parameters()), list(fmodule.buffers()), fbatch, states))
     tracker.reset_peak()
     autocast = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
@@ -340,6 +366,7 @@ def _trace(
         result[f"{phase}_peak_bytes"] = tracker.phase_peak_bytes.get(phase, 0)
     result["peak_phase"] = tracker.peak_phase
     result["train_flops"] = int(counter.get_total_flops())
+    result["written_in_step"] = sorted(tracker.written)
     return result
 
 

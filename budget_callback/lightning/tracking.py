@@ -52,12 +52,13 @@ class RunTracker:
             self.step_times.append(now - self._last)
         self._last = now
 
-    def metrics(self, trainer: pl.Trainer, series, capture, due_bytes: int, events: int) -> dict[str, float | int]:
+    def metrics(self, trainer: pl.Trainer, series, capture, due_bytes: int, on_disk_bytes: int, events: int
+                ) -> dict[str, float | int]:
         f = self.forecast
         schedule = series.schedule
         metrics: dict[str, float | int] = {
             "budget/disk_projected_bytes": due_bytes,
-            "budget/disk_actual_bytes": series.bytes_written,
+            "budget/disk_actual_bytes": on_disk_bytes,
             "budget/save_every_n_steps": schedule.interval,
             "budget/snapshots_dropped": series.dropped,
             "budget/snapshots_failed": series.lost,

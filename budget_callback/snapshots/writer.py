@@ -87,6 +87,8 @@ class SnapshotWriter:
         self._stacks: dict[str, torch.Tensor] | None = None
         self._group = diskio.GroupCommit(series.directory, fsync=series.fsync)
         self._grouped: list[tuple[list[int], int]] = []  # (steps, bytes) of the files in the open group
+        self._uncommitted = 0  # bytes of files written as temporaries, not yet committed
+        self._bytes_lock = threading.Lock()  # a read of on_disk_bytes never sees a file twice or not at all
         self._manifest_at = 0.0
         self._thread = threading.Thread(target=self._run, name="budget-callback-writer", daemon=True)
         self.closed = False
@@ -133,9 +135,11 @@ class SnapshotWriter:
             self.check()
 
     @property
-    def uncommitted_bytes(self) -> int:
-        """Bytes of written files not yet committed (their temporaries already take disk space)."""
-        return self._group.bytes
+    def on_disk_bytes(self) -> int:
+        """Snapshot bytes on disk now: committed files and those written but waiting for their group commit
+        (their temporaries already take the space)."""
+        with self._bytes_lock:
+            return self.series.bytes_written + self._uncommitted
 
     def check(self) -> None:
         """Raise the writer thread's error, with its cause, in the calling thread."""
@@ -243,6 +247,8 @@ class SnapshotWriter:
             if size < SMALL_FILE_BYTES and replaces is None:
                 self._group.add(path, header, tensors)
                 self._grouped.append((steps, size))
+                with self._bytes_lock:
+                    self._uncommitted += size
                 if len(self._group) >= GROUP_FILES:
                     self._commit()
                 return size
@@ -267,13 +273,17 @@ class SnapshotWriter:
         try:
             self._group.commit()
         except Exception as err:  # noqa: BLE001 - re-raised unless the disk is full
+            with self._bytes_lock:
+                self._uncommitted -= sum(size for _, size in grouped)
             if not is_disk_full(err):
                 raise
             for steps, _ in grouped:
                 self.series.record_lost(steps, "no space left on device")
             return
-        for steps, size in grouped:
-            self.series.record_file(steps[0], len(steps), size)
+        with self._bytes_lock:
+            for steps, size in grouped:
+                self.series.record_file(steps[0], len(steps), size)
+                self._uncommitted -= size
         self.stats.files += len(grouped)
         self.stats.grouped_files += len(grouped)
 

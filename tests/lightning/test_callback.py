@@ -142,7 +142,8 @@ def test_traced_forecast_of_a_module_that_declares_no_shape(tmp_path):
     f = cb.forecast
     model = f.to_dict()["model"]
     assert model == {"name": "LlamaLM", "declared": False, "parameters": sum(p.numel() for p in LlamaLM().parameters()),
-                     "tensors": 17, "layers": 2, "tied": False, "vocab_size": 64, "hidden_dim": 16}
+                     "tensors": 17, "layers": 2, "tied": False, "vocab_size": 64, "hidden_dim": 16,
+                     "written_in_step": []}
     from budget_callback.forecast.report import render
     head = render(f).splitlines()[0]
     assert head.startswith("LlamaLM (traced): 8,272 parameters in 17 tensors, 2 layers, W 64 x 16 untied;")
@@ -360,7 +361,7 @@ def test_accelerator_memory_metrics(tmp_path, monkeypatch):
     session = cb._fit
     session.tracker.on_accelerator = True
     fake_trainer = mock.Mock(log_every_n_steps=1, world_size=1)
-    metrics = session.tracker.metrics(fake_trainer, session.series, session.capture, 0, 0)
+    metrics = session.tracker.metrics(fake_trainer, session.series, session.capture, 0, 0, 0)
     assert metrics["budget/memory_projected_bytes"] == cb.forecast.memory["peak_bytes"]
     assert metrics["budget/memory_actual_bytes"] == 123_456
 

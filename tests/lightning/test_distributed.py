@@ -118,6 +118,39 @@ def test_ddp_spawn_main_process_reports_rank_zeros_figures(tmp_path, record):
     record(main_process=dict(bytes_written=main["bytes_written"], projected=main["projected_bytes"]))
 
 
+def test_ddp_spawn_budget_failure_reaches_the_caller_as_budget_exceeded(tmp_path, record):
+    """torch delivers a spawned rank's error as ProcessRaisedException (only its traceback text): the caller's
+    `except BudgetExceededError` must work as under every other strategy."""
+    proc, results = _run(tmp_path, {"disk_budget": 100, "on_exceed": "abort"}, strategy='"ddp_spawn"', spawn=True)
+    assert results["main"]["outcome"] == "BudgetExceededError", proc.stderr[-3000:]
+    assert "does not fit its budget" in results["main"]["message"]
+    assert "Traceback" not in results["main"]["message"] and not (tmp_path / "s").exists()
+    record(main=results["main"]["outcome"])
+
+
+FAILING_STEP = DEFAULT_PRELUDE + """
+class Failing(TinyLM):
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 3:
+            raise RuntimeError("the user's code failed at batch 3")
+        return super().training_step(batch, batch_idx)
+def make_module():
+    return Failing()
+"""
+
+
+def test_ddp_spawn_fit_that_raises_keeps_every_snapshot_taken(tmp_path, record):
+    """Lightning calls no hook in a ddp_spawn worker whose fit raised (no on_exception, no teardown): the
+    snapshots captured before the error are still written, the manifest says failed, the lock is released."""
+    proc, results = _run(tmp_path, {}, strategy='"ddp_spawn"', prelude=FAILING_STEP, spawn=True)
+    assert "the user's code failed at batch 3" in results["main"]["message"], proc.stderr[-3000:]
+    assert SnapshotReader(tmp_path / "s").steps == [1, 2, 3]
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["files_written"] == 3
+    assert not (tmp_path / "s" / ".budget-callback.lock").exists()
+    record(steps=[1, 2, 3], status=manifest["status"])
+
+
 SHARDED = """
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import fully_shard

@@ -105,3 +105,24 @@ def test_writer_error_surfaces_in_training_thread(tmp_path, monkeypatch):
         w.flush()
     assert isinstance(info.value.__cause__, RuntimeError)
     w.close()
+
+
+def test_bytes_on_disk_count_files_waiting_for_their_group_commit(tmp_path, monkeypatch):
+    """``budget/disk_actual_bytes`` read 0 B for the first 15 small snapshots: only committed files counted,
+    while their complete temporaries already took the space."""
+    import budget_callback.snapshots.writer as writer_module
+
+    monkeypatch.setattr(writer_module, "GROUP_SECONDS", 3600.0)  # no idle commit while the test looks
+    series = Series(tmp_path, LAYOUT, "r", Schedule.start(LAYOUT, 1))
+    series.write_manifest()
+    writer = SnapshotWriter(series)
+    writer.start()
+    for step in (1, 2, 3):
+        placement = series.place(step)
+        writer.submit(placement, _image(LAYOUT, placement, step))
+    writer._queue.join()  # the writer thread has handled all three
+    temporaries = [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert series.bytes_written == 0 and len(temporaries) == 3
+    assert writer.on_disk_bytes == sum(p.stat().st_size for p in temporaries) == series_bytes(LAYOUT, 3, 1)
+    writer.close()
+    assert writer.on_disk_bytes == series.bytes_written == series_bytes(LAYOUT, 3, 1)
