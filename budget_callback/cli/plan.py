@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ..forecast.budgets import POLICIES
@@ -14,7 +15,7 @@ from ..forecast.precision import OPTIMIZER_IMPLS, OPTIMIZERS, PRECISIONS, STRATE
 from ..forecast.report import render
 from ..forecast.shapes import MLPS, NORMS, PRESETS, ModelShape, preset
 from ..forecast.wandb_usage import LOG_MODEL_CHOICES, LoggingSpec
-from ..snapshots.format import SNAPSHOT_DTYPES
+from ..snapshots.format import MAX_SNAPSHOTS_PER_FILE, SNAPSHOT_DTYPES
 from ..units import parse_size
 
 
@@ -33,12 +34,22 @@ def _positive(text: str) -> int:
     return value
 
 
+def _snapshots_per_file(text: str) -> int:
+    """The callback's own limit (``BudgetCallback(snapshots_per_file=...)``), so the plan refuses what it refuses."""
+    value = _positive(text)
+    if value > MAX_SNAPSHOTS_PER_FILE:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_SNAPSHOTS_PER_FILE:,} (one file holds them all in "
+                                         f"host RAM while it fills), got {text!r}")
+    return value
+
+
 def _size(text: str) -> int:
+    """Parsed by the callback's own ``parse_size`` from the text itself (``int()`` took digits it refuses)."""
     try:
-        return parse_size(int(text) if text.isdigit() else text, "size")
+        return parse_size(text, "size")
     except ValueError as err:
-        why = "too large" if "at most" in str(err) else "must be a size such as 500MB, 12GB (powers of 1000) or " \
-                                                        "12GiB (powers of 1024)"
+        why = "too large" if "at most" in str(err) else "must be a positive size" if "positive" in str(err) else \
+            "must be a size such as 500MB, 12GB (powers of 1000) or 12GiB (powers of 1024)"
         shown = text if len(text) <= 40 else text[:37] + "..."
         raise argparse.ArgumentTypeError(f"{why}, got {shown!r}") from None
 
@@ -88,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     snap = p.add_argument_group("snapshots")
     snap.add_argument("--save-every", type=_positive, default=1)
     snap.add_argument("--snapshot-dtype", choices=list(SNAPSHOT_DTYPES), default="bfloat16")
-    snap.add_argument("--snapshots-per-file", type=_positive, default=1)
+    snap.add_argument("--snapshots-per-file", type=_snapshots_per_file, default=1,
+                      help=f"at most {MAX_SNAPSHOTS_PER_FILE:,}")
     snap.add_argument("--include-embedding", action="store_true")
     log = p.add_argument_group("logging and checkpoints")
     log.add_argument("--log-every-n-steps", type=_positive, default=50)
@@ -124,6 +136,30 @@ def _shape(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ModelSh
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``budget-callback plan``; a reader that closes stdout early (``| head``) ends it quietly with status 1."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, not in a traceback at interpreter exit
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return 1
+
+
+def _stdout_to_devnull() -> None:
+    """What https://docs.python.org/3/library/signal.html#note-on-sigpipe recommends: the output still
+    buffered goes nowhere, so the flush at exit does not raise again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (captured): nothing to redirect
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from ..validate import one_of, positive_int
 
 SNAPSHOT_DTYPES = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2)}
+MAX_SNAPSHOTS_PER_FILE = 1 << 20  # a file of more snapshots than this is never what anyone wants
 SNAPSHOT_FORMAT = "budget-callback/1"
 ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 NAMES = ("unembedding", "embedding")

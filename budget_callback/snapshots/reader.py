@@ -1,8 +1,8 @@
 """Read a snapshot directory at the disk's speed: ``SnapshotReader(dir).trajectory(token_id)``.
 
 The headers of every file are read once (and checked against the file sizes, see
-:func:`.directory.scan`) into an index: for every step and name, an open file and the byte
-offset of that step's ``(V, D)`` matrix. After that no header is parsed again:
+:func:`.directory.scan`) into an index: for every step and name, a file and the byte offset of
+that step's ``(V, D)`` matrix. After that no header is parsed again:
 
 * ``trajectory(token)`` -> ``(S, D)``: rows copied out of the files mapped in memory while they are
   in the page cache (no system call per row), else one ``preadv`` per step into a reused buffer;
@@ -12,19 +12,31 @@ offset of that step's ``(V, D)`` matrix. After that no header is parsed again:
 * ``load(step)`` -> ``(V, D)``: one read.
 
 Cold data: the first pass reads with ``RWF_NOWAIT`` (cached rows cost one syscall each, the
-others fail fast); the missing rows are then requested all at once with
-``posix_fadvise(WILLNEED)``, so the disk serves them in parallel, and read. A trajectory that
-found every row cached reads the next one from the memory maps; if that meets a page that has to
-come from the disk (a chunk of rows takes long), it goes back to the two passes for the rest.
-Files are replaced only by rename, so an open file keeps reading the complete file it opened. (A
+others fail fast); the missing rows are requested with ``posix_fadvise(WILLNEED)`` as they are
+found, so the disk serves them in parallel, and read in the second pass. A trajectory that found
+every row cached reads the next one from the memory maps; if that meets a page that has to come
+from the disk (a chunk of rows takes long), it goes back to the two passes for the rest. Files are
+replaced only by rename, so an open or mapped file keeps reading the complete file it opened. (A
 file truncated in place by another program is noticed by the mapped reads within a second, and
 reported; inside that second it would fault.)
+
+Bounded resources, so a series of any length opens under any ``ulimit -n``: at most
+``min(128, soft RLIMIT_NOFILE // 4)`` files are open at once (the first ones opened, and one slot the
+others take turns in: a longer series opens each of those again, ~5 us, once per read pass) and at
+most ``min(16,384, vm.max_map_count // 4)`` files are mapped (the first ones; later files are read
+with ``preadv``). The mappings are made with libc's ``mmap`` and outlive the file descriptor
+(``mmap.mmap`` keeps a duplicate descriptor per mapping before Python 3.13), so a warm trajectory of
+a long series needs no open file. A file opened again must still be the file first opened (same
+inode, size and mtime); one replaced or rewritten since is an error naming it. The process's limits
+are never changed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
+import operator
 import os
 import resource
 import sys
@@ -42,6 +54,95 @@ _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _ROW_SECONDS = 0.0002  # a mapped row slower than this came from the disk: back to the two passes
 _SIZE_CHECK_SECONDS = 1.0  # how often mapped reads check that no file was cut short in place
 _TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+_MAX_OPEN_FILES = 128  # files open at once, at most (and a quarter of the soft RLIMIT_NOFILE): fds stay low
+_MAX_MAPS = 16_384  # files mapped at once, at most (and a quarter of vm.max_map_count)
+_DEFAULT_MAX_MAP_COUNT = 65_530  # Linux's vm.max_map_count where /proc does not say
+
+
+def open_files_bound() -> int:
+    """How many snapshot files a reader keeps open: well under the soft RLIMIT_NOFILE, never changing it."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return _MAX_OPEN_FILES
+    return max(1, min(_MAX_OPEN_FILES, soft // 4))
+
+
+def maps_bound() -> int:
+    """How many snapshot files a reader keeps mapped: well under ``vm.max_map_count`` (mappings per process)."""
+    try:
+        count = int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        count = _DEFAULT_MAX_MAP_COUNT
+    return max(1, min(_MAX_MAPS, count // 4))
+
+
+def _libc_mapping_calls():
+    """libc's ``mmap``, ``madvise`` and ``munmap``; None where ctypes cannot reach them (reads use ``preadv``)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        calls = libc.mmap, libc.madvise, libc.munmap
+    except (OSError, AttributeError):  # pragma: no cover - no libc to call
+        return None
+    calls[0].argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+    calls[0].restype = ctypes.c_void_p
+    calls[1].argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    calls[2].argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    return calls
+
+
+_LIBC_MAPPING = _libc_mapping_calls()
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+class _Mapping:
+    """A whole file mapped read-only, holding no file descriptor; ``view`` is a memoryview of its bytes.
+
+    Only the reader touches ``view`` (under its lock), and never after ``close()`` unmaps it."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        do_mmap, do_madvise, _ = _LIBC_MAPPING
+        addr = do_mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr is None or addr == _MAP_FAILED:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mmap: {os.strerror(err)}")
+        self.addr, self.size = addr, size
+        do_madvise(addr, size, mmap.MADV_RANDOM)  # a fault reads its page, not a window
+        self.view = memoryview((ctypes.c_char * size).from_address(addr)).cast("B")
+
+    def __len__(self) -> int:
+        return self.size
+
+    def close(self) -> None:
+        if self.view is not None:
+            self.view.release()
+            self.view = None
+            _LIBC_MAPPING[2](self.addr, self.size)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def _described(value) -> str:
+    """``value`` for a message: its type, and its shape and dtype when it has them."""
+    shape = getattr(value, "shape", None)
+    if shape is not None and getattr(value, "dtype", None) is not None:
+        return f"a {len(shape)}-D {type(value).__name__} of shape {tuple(shape)} and dtype {value.dtype}"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _is_bool(value) -> bool:
+    return isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
+
+
+def _integer_dtype(dtype) -> bool:
+    """A torch or numpy integer dtype."""
+    if isinstance(dtype, torch.dtype):
+        return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+    return getattr(dtype, "kind", None) in ("i", "u")
 
 
 class SnapshotReader:
@@ -51,7 +152,9 @@ class SnapshotReader:
     the stored dtype; ``trajectory(token_id)`` returns that token's row at every step
     ``(len(steps), D)`` and ``rows(token_ids)`` several tokens' ``(T, len(steps), D)``, reading only
     those rows. A stray, foreign or truncated file never hides the valid snapshots: it is left out,
-    named in a warning and in ``bad_files``. Close it (or use ``with``) to release its open files.
+    named in a warning and in ``bad_files``. Token ids may be ints, numpy integers or integer tensors.
+    It keeps a bounded number of files open and mapped (see the module's notes); threads sharing it take
+    turns. Close it (or use ``with``) to release its open files.
     """
 
     def __init__(self, snapshot_dir: str | os.PathLike) -> None:
@@ -77,46 +180,94 @@ class SnapshotReader:
         self.row_bytes = self.hidden_dim * ITEMSIZE[code]
         self.matrix_bytes = self.vocab_size * self.row_bytes
         self._nowait = bool(_NOWAIT)
-        self._lock = threading.Lock()
-        self._fds: dict[int, str] = {}  # fd -> file name (for messages)
-        self._maps: dict[int, mmap.mmap] = {}  # fd -> the file mapped read-only
+        self._lock = threading.Lock()  # held by every read: an evicted fd is never one another read uses
+        self._max_fds, self._max_maps = open_files_bound(), maps_bound()
+        self._paths: list[Path] = []  # file number -> path
+        self._idents: list[tuple | None] = []  # file number -> (dev, inode, size, mtime) when first opened
+        self._fds: dict[int, int] = {}  # file number -> fd: the first files opened, and the spare slot
+        self._spare: int | None = None  # the file in the spare slot (closed when another needs it)
+        self._maps: dict[int, _Mapping] = {}  # file number -> the file mapped read-only
+        self._closed = False
         self._warm: dict[str, bool] = {}  # name -> the last trajectory found every row cached
         self._sizes_checked = float("-inf")
-        self._where: dict[str, dict[int, tuple[int, int]]] = {}  # name -> step -> (fd, offset of its matrix)
+        self._where: dict[str, dict[int, tuple[int, int]]] = {}  # name -> step -> (file number, matrix offset)
         self._open(found.files)
         self.steps: list[int] = sorted(self._where.get("unembedding", {}))
         self._buffers: dict[str, tuple] = {}
 
     def _open(self, files: list[SnapshotFile]) -> None:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        need = len(files) + 64
-        if soft != resource.RLIM_INFINITY and soft < need:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (need if hard == resource.RLIM_INFINITY else min(need, hard),
-                                                        hard))
+        """Index every file; open (and map) each once to note which file it is; keep the bounded few open."""
         try:
             for f in files:
-                fd = os.open(f.path, os.O_RDONLY | os.O_CLOEXEC)
-                self._fds[fd] = f.path.name
-                if f.size:
-                    self._maps[fd] = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
-                    self._maps[fd].madvise(mmap.MADV_RANDOM)  # a fault reads its page, not a window
+                number = len(self._paths)
+                self._paths.append(f.path)
+                self._idents.append(None)
+                self._fd(number)
                 for name, info in f.tensors.items():
                     start = f.data_start + int(info["data_offsets"][0])
                     where = self._where.setdefault(name, {})
                     for j, step in enumerate(f.steps):
-                        where[step] = (fd, start + (j * self.matrix_bytes if f.stacked else 0))
+                        where[step] = (number, start + (j * self.matrix_bytes if f.stacked else 0))
         except BaseException:
             self.close()
             raise
 
+    def _fd(self, number: int) -> int:
+        """File ``number``'s descriptor, opened (and mapped) if it is not open.
+
+        The first ``max_fds - 1`` files opened stay open; the others take turns in one spare slot. Every
+        read visits the files in step order, so this keeps that many hits per pass where a least recently
+        used cache of fewer files than the series would evict each file just before it is needed again."""
+        fd = self._fds.get(number)
+        if fd is not None:
+            return fd
+        if self._closed:
+            raise ValueError(f"{self!r} is closed")
+        fd = os.open(self._paths[number], os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = self._same_file(number, os.fstat(fd))
+            if size and number not in self._maps and len(self._maps) < self._max_maps:
+                self._map(number, fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        if len(self._fds) >= self._max_fds and self._spare is not None:
+            os.close(self._fds.pop(self._spare))
+        self._fds[number] = fd
+        if len(self._fds) >= self._max_fds:
+            self._spare = number
+        return fd
+
+    def _same_file(self, number: int, st: os.stat_result) -> int:
+        """Note which file ``number`` is at its first opening; later, refuse any other. Returns its size."""
+        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if self._idents[number] is None:
+            self._idents[number] = ident
+        elif ident != self._idents[number]:
+            raise OSError(f"snapshot file {self._paths[number].name} was replaced or rewritten since the reader "
+                          "opened it; open a new SnapshotReader")
+        return st.st_size
+
+    def _map(self, number: int, fd: int, size: int) -> None:
+        """Map the file read-only; the mapping outlives ``fd`` and stays until ``close()``. The first
+        ``max_maps`` files are mapped (the same reasoning as for ``_fd``); the others are read with preadv."""
+        if _LIBC_MAPPING is None:  # pragma: no cover - reads go through preadv
+            return
+        try:
+            self._maps[number] = _Mapping(fd, size)
+        except OSError:  # out of mappings (ENOMEM: vm.max_map_count) or address space: preadv for the rest
+            self._max_maps = len(self._maps)
+
     def close(self) -> None:
+        self._closed = True
         for m in self._maps.values():
             m.close()
         self._maps = {}
-        for fd in self._fds:
+        for fd in self._fds.values():
             os.close(fd)
-        self._fds = {}
+        self._fds, self._spare = {}, None
         self._where = {}
+        self._buffers = {}
 
     def __enter__(self) -> SnapshotReader:
         return self
@@ -147,10 +298,32 @@ class SnapshotReader:
         where = self._where.get(name, {})
         return [where[s] for s in self.steps]
 
-    def _token(self, token_id) -> int:
-        if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < self.vocab_size:
-            raise IndexError(f"`token_id` must be an int in [0, {self.vocab_size}), got {token_id!r}")
-        return token_id
+    def _token(self, token_id, argument: str = "token_id") -> int:
+        """One token id as an int: anything ``operator.index`` takes (numpy integers, 0-d integer tensors)."""
+        if _is_bool(token_id):
+            raise TypeError(f"`{argument}` must be an integer token id, not a bool, got {_described(token_id)}")
+        try:
+            if getattr(token_id, "ndim", 0) != 0:
+                raise TypeError
+            token = operator.index(token_id)
+        except TypeError:
+            raise TypeError(f"`{argument}` must be one integer token id (an int, a numpy integer or a 0-d integer "
+                            f"tensor), got {_described(token_id)}") from None
+        if not 0 <= token < self.vocab_size:
+            raise IndexError(f"`{argument}` must be an int in [0, {self.vocab_size}), got {token!r}")
+        return token
+
+    def _tokens(self, token_ids) -> list[int]:
+        """Several token ids as ints: a 1-D integer tensor or array, or a sequence of what ``_token`` takes."""
+        if getattr(token_ids, "ndim", None) is not None:  # a tensor or an array
+            if token_ids.ndim != 1 or _is_bool(token_ids) or not _integer_dtype(token_ids.dtype):
+                raise TypeError(f"`token_ids` must be a 1-D integer tensor or array or a sequence of ints, got "
+                                f"{_described(token_ids)}")
+            token_ids = token_ids.tolist()
+        elif isinstance(token_ids, (str, bytes)) or not hasattr(token_ids, "__iter__"):
+            raise TypeError(f"`token_ids` must be a 1-D integer tensor or array or a sequence of ints, got "
+                            f"{_described(token_ids)}")
+        return [self._token(t, f"token_ids[{i}]") for i, t in enumerate(token_ids)]
 
     def _tensor(self, buf: bytearray, shape: tuple[int, ...]) -> torch.Tensor:
         if len(buf) == 0:
@@ -158,83 +331,110 @@ class SnapshotReader:
         return torch.frombuffer(buf, dtype=self.dtype).view(shape)
 
     def _read(self, items, shift: int, size: int | None = None) -> int:
-        """For each ``(fd, base, buffers[, nbytes])``: read at ``base + shift`` into ``buffers``.
+        """For each ``(file number, base, buffers[, nbytes])``: read at ``base + shift`` into ``buffers``.
 
-        Pass 1 reads with RWF_NOWAIT: cached ranges are copied, the others fail fast. Pass 2 asks the
-        kernel for every missing range at once (``posix_fadvise(WILLNEED)``), then reads them.
-        Returns how many ranges were not cached.
+        Pass 1 reads with RWF_NOWAIT: cached ranges are copied, the others fail fast and, from the second
+        on, are asked of the kernel at once (``posix_fadvise(WILLNEED)``). Pass 2 reads them. (Two passes,
+        not three: a file that is no longer open is opened again once per pass.) Returns how many ranges
+        were not cached.
         """
-        misses = []
-        if self._nowait:
-            try:
-                for i, item in enumerate(items):
-                    want = size if size is not None else item[3]
-                    try:
-                        if os.preadv(item[0], item[2], item[1] + shift, _NOWAIT) != want:
-                            misses.append(i)
-                    except BlockingIOError:
-                        misses.append(i)
-            except OSError as err:  # RWF_NOWAIT unsupported here: plain reads from now on
-                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                self._nowait = False
-                misses = list(range(len(items)))
-        else:
+        misses = self._read_cached(items, shift, size) if self._nowait else None
+        if misses is None:  # no RWF_NOWAIT: every range is a miss
             misses = list(range(len(items)))
-        if len(misses) > 1:
-            for i in misses:
-                item = items[i]
-                os.posix_fadvise(item[0], item[1] + shift, size if size is not None else item[3],
-                                 os.POSIX_FADV_WILLNEED)
+            for i in misses if len(misses) > 1 else ():
+                self._advise(items[i], shift, size)
         for i in misses:
-            fd, base, buffers = items[i][:3]
+            number, base, buffers = items[i][:3]
             want = size if size is not None else items[i][3]
-            if os.preadv(fd, buffers, base + shift) != want:
-                raise OSError(f"snapshot file {self._fds.get(fd, fd)} is shorter than its header says "
+            if os.preadv(self._fd(number), buffers, base + shift) != want:
+                raise OSError(f"snapshot file {self._paths[number].name} is shorter than its header says "
                               "(changed since the reader opened it)")
         return len(misses)
+
+    def _read_cached(self, items, shift: int, size: int | None) -> list[int] | None:
+        """Pass 1 of :meth:`_read`: the indices of the ranges not cached, each advised as soon as there are
+        two; None where RWF_NOWAIT is unsupported (plain reads from now on)."""
+        misses: list[int] = []
+        try:
+            for i, item in enumerate(items):
+                try:
+                    if os.preadv(self._fd(item[0]), item[2], item[1] + shift, _NOWAIT) == \
+                            (size if size is not None else item[3]):
+                        continue
+                except BlockingIOError:
+                    pass
+                misses.append(i)
+                if len(misses) == 2:
+                    self._advise(items[misses[0]], shift, size)
+                if len(misses) >= 2:
+                    self._advise(item, shift, size)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            self._nowait = False
+            return None
+        return misses
+
+    def _advise(self, item, shift: int, size: int | None) -> None:
+        os.posix_fadvise(self._fd(item[0]), item[1] + shift, size if size is not None else item[3],
+                         os.POSIX_FADV_WILLNEED)
 
     def _read_mapped(self, items, shift: int, size: int) -> int:
         """Copy rows out of the memory maps while they are cached; the index of the first row not read
         (``len(items)`` when all were), stopping after a row slow enough to have waited for the disk."""
         clock = time.perf_counter
         if clock() - self._sizes_checked > _SIZE_CHECK_SECONDS:  # a file cut short under us: an error, not SIGBUS
-            if any(os.fstat(fd).st_size < len(m) for fd, m in self._maps.items()):
+            if self._a_mapped_file_was_cut():
                 return 0
             self._sizes_checked = clock()
         t0 = clock()
-        for i, (fd, base, buffers) in enumerate(items):
-            m = self._maps.get(fd)
+        for i, (number, base, buffers) in enumerate(items):
+            m = self._maps.get(number)
             o = base + shift
             if m is None or o + size > len(m):
                 return i
-            buffers[0][:] = m[o:o + size]
+            buffers[0][:] = m.view[o:o + size]
             t1 = clock()
             if t1 - t0 > _ROW_SECONDS:
                 return i + 1
             t0 = t1
         return len(items)
 
+    def _a_mapped_file_was_cut(self) -> bool:
+        """A mapped file truncated in place (same inode, now shorter than its mapping). A file replaced by
+        rename is not: the mapping keeps the old one whole."""
+        for number, m in self._maps.items():
+            fd = self._fds.get(number)
+            try:
+                st = os.fstat(fd) if fd is not None else os.stat(self._paths[number])
+            except OSError:  # removed: the mapping keeps it
+                continue
+            if (st.st_dev, st.st_ino) == self._idents[number][:2] and st.st_size < len(m):
+                return True
+        return False
+
     # --- the reads -----------------------------------------------------------------------------
     def load(self, step: int, name: str = "unembedding") -> torch.Tensor:
         """W (or E) at optimizer step ``step``, shape ``(V, D)``, in the stored dtype."""
         index = self._index(name)
         try:
-            fd, base = index[self.steps.index(step)]
+            number, base = index[self.steps.index(step)]
         except ValueError:
             raise KeyError(f"no snapshot at step {step}; steps run from {self.steps[:1]} to {self.steps[-1:]}") from None
         buf = bytearray(self.matrix_bytes)
-        self._read([(fd, base, (memoryview(buf),))], 0, self.matrix_bytes)
+        with self._lock:
+            self._read([(number, base, (memoryview(buf),))], 0, self.matrix_bytes)
         return self._tensor(buf, self.shape)
 
     def trajectory(self, token_id: int, name: str = "unembedding") -> torch.Tensor:
-        """Row ``token_id`` at every step, ``(len(steps), D)``; reads only those rows."""
+        """Row ``token_id`` (an int, numpy integer or 0-d integer tensor) at every step, ``(len(steps), D)``;
+        reads only those rows."""
         token, index, rb = self._token(token_id), self._index(name), self.row_bytes
         with self._lock:
             if name not in self._buffers:  # one reused buffer with a ready-made slice per step
                 buf = bytearray(len(index) * rb)
                 mv = memoryview(buf)
-                self._buffers[name] = (buf, [(fd, base, (mv[i * rb:(i + 1) * rb],)) for i, (fd, base) in
+                self._buffers[name] = (buf, [(number, base, (mv[i * rb:(i + 1) * rb],)) for i, (number, base) in
                                              enumerate(index)])
             buf, items = self._buffers[name]
             done = self._read_mapped(items, token * rb, rb) if self._warm.get(name) else 0
@@ -245,14 +445,16 @@ class SnapshotReader:
 
     def rows(self, token_ids, name: str = "unembedding", gap_bytes: int = 4096,
              chunk_bytes: int = 64 << 20) -> torch.Tensor:
-        """Rows of several tokens at every step, ``(len(token_ids), len(steps), D)``."""
-        tokens = [self._token(t) for t in token_ids]
+        """Rows of several tokens at every step, ``(len(token_ids), len(steps), D)``; ``token_ids``: a 1-D
+        integer tensor or array, or a sequence of ints."""
+        tokens = self._tokens(token_ids)
         index, S, D, rb = self._index(name), len(self.steps), self.hidden_dim, self.row_bytes
         uniq = sorted(set(tokens))
-        if uniq and S and len(uniq) * 4096 * 2 >= self.matrix_bytes:  # dense: whole matrices, gathered
-            res = self._rows_dense(index, uniq, chunk_bytes)
-        else:
-            res = self._tensor(self._rows_sparse(index, uniq, gap_bytes), (len(uniq), S, D))
+        with self._lock:
+            if uniq and S and len(uniq) * 4096 * 2 >= self.matrix_bytes:  # dense: whole matrices, gathered
+                res = self._rows_dense(index, uniq, chunk_bytes)
+            else:
+                res = self._tensor(self._rows_sparse(index, uniq, gap_bytes), (len(uniq), S, D))
         if tokens == uniq:
             return res
         pos = {t: i for i, t in enumerate(uniq)}
@@ -273,10 +475,9 @@ class SnapshotReader:
         widest = max([(uniq[g[k + 1]] - uniq[g[k]] - 1) * rb for g in segments for k in range(len(g) - 1)] or [0])
         scratch, mv = memoryview(bytearray(max(widest, 1))), memoryview(out)
         items = []
-        for seg in segments:
-            first = uniq[seg[0]]
-            span = (uniq[seg[-1]] - first + 1) * rb
-            for s, (fd, base) in enumerate(index):
+        for s, (number, base) in enumerate(index):  # step by step: one file at a time
+            for seg in segments:
+                first = uniq[seg[0]]
                 buffers = []
                 for k, p in enumerate(seg):
                     gap = (uniq[p] - uniq[seg[k - 1]] - 1) * rb if k else 0
@@ -284,7 +485,7 @@ class SnapshotReader:
                         buffers.append(scratch[:gap])
                     o = (p * S + s) * rb
                     buffers.append(mv[o:o + rb])
-                items.append((fd, base + first * rb, tuple(buffers), span))
+                items.append((number, base + first * rb, tuple(buffers), (uniq[seg[-1]] - first + 1) * rb))
         self._read(items, 0)
         return out
 
@@ -297,6 +498,7 @@ class SnapshotReader:
         mv, whole = memoryview(buf), self._tensor(buf, (C, V, D))
         for s0 in range(0, S, C):
             n = min(C, S - s0)
-            self._read([(fd, base, (mv[j * mb:(j + 1) * mb],), mb) for j, (fd, base) in enumerate(index[s0:s0 + n])], 0)
+            self._read([(number, base, (mv[j * mb:(j + 1) * mb],), mb) for j, (number, base) in
+                        enumerate(index[s0:s0 + n])], 0)
             res[:, s0:s0 + n] = whole[:n].index_select(1, picked).transpose(0, 1)
         return res

@@ -1,10 +1,12 @@
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 from budget_callback.cli import main
+from budget_callback.snapshots.format import MAX_SNAPSHOTS_PER_FILE
 
 REQUIRED = [
     "params.total", "memory.peak_bytes", "memory.params_bytes", "memory.gradients_bytes", "memory.optimizer_bytes",
@@ -96,6 +98,8 @@ def test_human_report_lists_sections(capsys):
         (["--preset", "gpt2", "--snapshot-dtype", "int8"], "--snapshot-dtype"),
         (["--preset", "gpt2", "--disk-budget", "9" * 400 + "GB"], "--disk-budget"),  # OverflowError before
         (["--preset", "gpt2", "--wandb-budget", "1e400"], "--wandb-budget"),
+        (["--preset", "gpt2", "--snapshots-per-file", "2000000"], "--snapshots-per-file"),  # the callback's limit
+        (["--preset", "gpt2", "--disk-budget", "\u0661\u0662"], "--disk-budget"),  # int() took these digits
     ],
 )
 def test_bad_input_exits_2_with_one_line(args, flag):
@@ -139,3 +143,65 @@ def test_readme_gpt2_xl_output_is_current(capsys):
     main(["plan", "--preset", "gpt2-xl", "--gpu", "h100", "--devices", "8", "--strategy", "fsdp", "--batch-size", "8",
           "--steps", "20000", "--save-every", "10", "--checkpoint-every", "1000"])
     assert capsys.readouterr().out == shown
+
+
+def _plan_accepts(flag, text):
+    try:
+        return main(["plan", "--preset", "gpt2-tiny", "--steps", "100", flag, text, "--json"]) == 0
+    except SystemExit as exit_:
+        assert exit_.code == 2
+        return False
+
+
+def _callback_accepts(tmp_path, argument, value):
+    from budget_callback import BudgetCallback
+
+    try:
+        BudgetCallback(tmp_path / "s", **{argument: value})
+        return True
+    except ValueError:
+        return False
+
+
+_SIZES = ["1", "0", "0.5", "1.5KiB", "500MB", "12GiB", "1e3", "\u0663", "1_000", " 5GB ", "9" * 30, "-1GB", "0x10"]
+_COUNTS = ["1", "0", "-1", "3", str(MAX_SNAPSHOTS_PER_FILE), str(MAX_SNAPSHOTS_PER_FILE + 1), "2000000", "9" * 20]
+
+
+@pytest.mark.parametrize("flag, argument, values, typed", [
+    ("--save-every", "save_every_n_steps", _COUNTS, int),
+    ("--snapshots-per-file", "snapshots_per_file", _COUNTS, int),
+    ("--snapshot-dtype", "snapshot_dtype", ["float32", "bfloat16", "float16", "int8", "float64", "BF16"], str),
+    ("--on-exceed", "on_exceed", ["downsample", "abort", "warn", "stop", "Abort"], str),
+    ("--disk-budget", "disk_budget", _SIZES, str),
+    ("--memory-budget", "memory_budget", _SIZES, str),
+    ("--wandb-budget", "wandb_budget", _SIZES, str),
+])
+def test_plan_refuses_what_the_callback_refuses(tmp_path, capsys, flag, argument, values, typed):
+    """The plan forecasts a run the callback would start, so both take the same values of the flags they share
+    (`--snapshots-per-file 2000000` forecast happily; the callback refuses more than 1,048,576)."""
+    got = {v: (_plan_accepts(flag, v), _callback_accepts(tmp_path, argument, typed(v))) for v in values}
+    capsys.readouterr()
+    assert {v: plan for v, (plan, _) in got.items()} == {v: callback for v, (_, callback) in got.items()}
+
+
+def test_snapshots_per_file_over_the_limit_names_the_flag_and_the_limit():
+    proc = subprocess.run([sys.executable, "-m", "budget_callback", "plan", "--preset", "gpt2",
+                           "--snapshots-per-file", str(MAX_SNAPSHOTS_PER_FILE + 1)], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "budget-callback plan: error: argument --snapshots-per-file: must be at most 1,048,576 (one file holds them "
+        "all in host RAM while it fills), got '1048577'"]
+
+
+@pytest.mark.parametrize("args", [["--json"], [], ["--gpu", "h100", "--check"]])
+def test_a_closed_stdout_ends_quietly_with_status_1(args):
+    """`budget-callback plan --json | head -c 100` printed a BrokenPipeError traceback. The pipe here has no
+    reader from the start, so every write fails the way it does once `head` has exited."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "budget_callback", "plan", "--preset", "llama-3-8b", *args],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.stderr == "" and proc.returncode == 1

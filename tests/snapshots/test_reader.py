@@ -1,11 +1,20 @@
 """The reader: steps, load and trajectory in both layouts; bad files never hide valid ones."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
+from budget_callback.snapshots import reader as reader_module
 from budget_callback.snapshots.format import SnapshotLayout
 from budget_callback.snapshots.reader import SnapshotReader
 from helpers import write_series
+
+ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def _fill(step, name):
@@ -114,3 +123,175 @@ def test_mapped_and_read_rows_are_the_same_and_a_cut_file_is_an_error(snapshots)
         r._sizes_checked = float("-inf")  # the next mapped read checks the sizes (at most a second later)
         with pytest.raises(OSError, match="step_000000020.safetensors"):
             r.trajectory(2)
+
+
+# --- a long series under a low open-files limit: bounded fds and mappings --------------------------------------------
+_LOW_LIMIT_CHILD = """
+import json, os, resource, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+low = min(64, soft)
+resource.setrlimit(resource.RLIMIT_NOFILE, (low, low if sys.argv[2] == "lowered" else hard))
+import torch
+from budget_callback.snapshots.reader import SnapshotReader
+
+directory = os.path.realpath(sys.argv[1])
+def held():  # descriptors and mappings of snapshot files this process holds now
+    fds = sum(os.readlink(f"/proc/self/fd/{n}").startswith(directory) for n in os.listdir("/proc/self/fd")
+              if os.path.islink(f"/proc/self/fd/{n}"))
+    maps = len({line.split()[-1] for line in open("/proc/self/maps") if directory in line})
+    return fds, maps
+r = SnapshotReader(directory)
+seen = [held()]
+first, again = r.trajectory(3), r.trajectory(3)  # read with preadv, then from the mappings
+seen.append(held())
+rows = r.rows([5, 0, 3])
+seen.append(held())
+loads_match = all(torch.equal(r.load(step)[[5, 0, 3]], rows[:, s]) for s, step in enumerate(r.steps))
+seen.append(held())
+r.close()
+print(json.dumps({"steps": len(r.steps), "trajectory": first[:, 0].tolist(), "same_again": torch.equal(first, again),
+                  "loads_match": loads_match, "held": seen, "after_close": held(),
+                  "limit": list(resource.getrlimit(resource.RLIMIT_NOFILE)), "low": low}))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc/self/fd")
+@pytest.mark.parametrize("hard", ["unchanged", "lowered"])
+def test_a_long_series_reads_under_a_low_open_files_limit(tmp_path, hard):
+    """300 files under `ulimit -n 64`: the reader used to open (and keep) every file, raising the soft limit
+    to fit (or failing with EMFILE where the hard limit is lower). Now it holds at most a quarter of the
+    soft limit open and leaves the limit alone."""
+    write_series(tmp_path, SnapshotLayout(6, 2, "float32"), range(1, 301), fill=_fill)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", _LOW_LIMIT_CHILD, str(tmp_path), hard], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout)
+    assert got["steps"] == 300 and got["trajectory"] == [6.0 + s for s in range(1, 301)]
+    assert got["same_again"] and got["loads_match"]
+    assert got["limit"][0] == got["low"]  # the soft limit is as the process set it
+    assert all(fds <= got["low"] // 4 for fds, _ in got["held"]), got["held"]
+    assert got["after_close"] == [0, 0]
+
+
+@pytest.fixture
+def bounded(tmp_path, monkeypatch):
+    """12 files, a reader that keeps at most 3 open and 5 mapped."""
+    monkeypatch.setattr(reader_module, "_MAX_OPEN_FILES", 3)
+    monkeypatch.setattr(reader_module, "_MAX_MAPS", 5)
+    write_series(tmp_path, SnapshotLayout(6, 2, "float32"), range(1, 13), fill=_fill)
+    return tmp_path
+
+
+def test_reads_past_the_bounds_equal_the_matrices(bounded):
+    with SnapshotReader(bounded) as r:
+        assert len(r._fds) <= 3 and len(r._maps) == 5
+        expected = torch.stack([r.load(step)[4] for step in r.steps])
+        assert torch.equal(r.trajectory(4), expected) and r._warm["unembedding"]
+        assert torch.equal(r.trajectory(4), expected)  # five files from the mappings, seven with preadv
+        got = r.rows(torch.tensor([4, 1, 4]))
+        assert torch.equal(got[0], expected) and torch.equal(got[2], expected)
+        assert torch.equal(got[1][:, 0], torch.tensor([2.0 + s for s in r.steps]))
+        assert len(r._fds) <= 3 and len(r._maps) == 5
+
+
+def test_a_file_replaced_after_its_descriptor_was_closed_is_named(bounded):
+    """A file opened again must be the one indexed: a replacement (other offsets) is an error, not wrong rows."""
+    r = SnapshotReader(bounded)
+    assert r.steps.index(6) not in r._fds and r.steps.index(7) not in r._fds  # not among the files kept open
+    name = "step_000000006.safetensors"
+    data = (bounded / name).read_bytes()
+    os.utime(bounded / name, ns=(0, 0))  # rewritten in place: another mtime
+    with pytest.raises(OSError, match=name):
+        r.load(6)
+    assert (bounded / name).read_bytes() == data
+    other = bounded / "step_000000007.safetensors"
+    os.replace(bounded / "step_000000012.safetensors", other)  # another file, same size
+    with pytest.raises(OSError, match=f"{other.name} was replaced"):
+        r.load(7)
+    assert torch.equal(r.load(5), torch.full((6, 2), 5.0) + torch.arange(12.0).reshape(6, 2))
+    r.close()
+
+
+def test_a_mapped_file_cut_after_its_descriptor_was_closed_is_an_error(bounded):
+    with SnapshotReader(bounded) as r:
+        r.trajectory(1)
+        assert r._warm["unembedding"]
+        name = "step_000000004.safetensors"  # mapped, its descriptor closed
+        assert r.steps.index(4) in r._maps and r.steps.index(4) not in r._fds
+        os.truncate(bounded / name, 50)
+        r._sizes_checked = float("-inf")
+        with pytest.raises(OSError, match=name):
+            r.trajectory(1)
+
+
+# --- token ids: numpy and torch integers ----------------------------------------------------------------------------
+def test_token_ids_may_be_torch_integers(snapshots):
+    r = SnapshotReader(snapshots)
+    want = r.trajectory(3)
+    assert torch.equal(r.trajectory(torch.tensor(3)), want)
+    assert torch.equal(r.trajectory(torch.tensor(3, dtype=torch.int32)), want)
+    assert torch.equal(r.trajectory(torch.tensor([5, 3]).max()), r.trajectory(5))  # what argmax/topk return
+    both = r.rows([1, 2])
+    assert torch.equal(r.rows(torch.tensor([1, 2])), both)
+    assert torch.equal(r.rows(torch.tensor([1, 2], dtype=torch.uint8)), both)
+    assert torch.equal(r.rows([torch.tensor(1), 2]), both)
+    assert torch.equal(r.rows(range(1, 3)), both)
+    assert r.rows(torch.tensor([], dtype=torch.long)).shape == (0, 8, 2)
+
+
+def test_token_ids_may_be_numpy_integers(snapshots):
+    np = pytest.importorskip("numpy")
+    r = SnapshotReader(snapshots)
+    want = r.trajectory(3)
+    for token in (np.int64(3), np.uint8(3), np.int32(3), np.array(3)):
+        assert torch.equal(r.trajectory(token), want), repr(token)
+    both = r.rows([1, 2])
+    assert torch.equal(r.rows(np.array([1, 2])), both)
+    assert torch.equal(r.rows(np.array([1, 2], dtype=np.uint16)), both)
+    assert torch.equal(r.rows([np.int64(1), np.int16(2)]), both)
+    with pytest.raises(IndexError, match=r"`token_id` must be an int in \[0, 6\), got 6"):
+        r.trajectory(np.int64(6))
+
+
+@pytest.mark.parametrize("token, message", [
+    (True, r"`token_id` must be an integer token id, not a bool, got bool True"),
+    (3.0, r"`token_id` must be one integer .* got float 3\.0"),
+    ("3", r"`token_id` must be one integer .* got str '3'"),
+    (torch.tensor(3.0), r"`token_id` .* got a 0-D Tensor of shape \(\) and dtype torch\.float32"),
+    (torch.tensor(True), r"`token_id` .* not a bool"),
+    (torch.tensor([3]), r"`token_id` must be one integer .* got a 1-D Tensor of shape \(1,\)"),
+])
+def test_a_bad_token_id_names_the_argument_and_its_type(snapshots, token, message):
+    with pytest.raises(TypeError, match=message):
+        SnapshotReader(snapshots).trajectory(token)
+
+
+@pytest.mark.parametrize("tokens, message", [
+    (torch.tensor([[1, 2]]), r"`token_ids` must be a 1-D .* got a 2-D Tensor of shape \(1, 2\)"),
+    (torch.tensor([1.0, 2.0]), r"`token_ids` must be a 1-D integer .* dtype torch\.float32"),
+    (torch.tensor([True]), r"`token_ids` must be a 1-D integer .* dtype torch\.bool"),
+    ([1, 2.5], r"`token_ids\[1\]` must be one integer .* got float 2\.5"),
+    ([[1, 2]], r"`token_ids\[0\]` must be one integer .* got list \[1, 2\]"),
+    ([1, False], r"`token_ids\[1\]` must be an integer token id, not a bool"),
+    (3, r"`token_ids` must be a 1-D .* got int 3"),
+    ("12", r"`token_ids` must be a 1-D .* got str '12'"),
+])
+def test_bad_token_ids_name_the_argument_and_their_type(snapshots, tokens, message):
+    with pytest.raises(TypeError, match=message):
+        SnapshotReader(snapshots).rows(tokens)
+
+
+def test_bad_numpy_token_ids_name_the_argument_and_their_type(snapshots):
+    np = pytest.importorskip("numpy")
+    r = SnapshotReader(snapshots)
+    with pytest.raises(TypeError, match=r"`token_ids` must be a 1-D .* got a 2-D ndarray of shape \(2, 1\)"):
+        r.rows(np.array([[1], [2]]))
+    with pytest.raises(TypeError, match=r"`token_ids` .* dtype float64"):
+        r.rows(np.array([1.0]))
+    with pytest.raises(TypeError, match=r"`token_id` .* not a bool"):
+        r.trajectory(np.True_)
+    with pytest.raises(TypeError, match=r"`token_id` .* float64"):
+        r.trajectory(np.float64(3))
+    with pytest.raises(IndexError, match=r"`token_ids\[0\]` must be an int in \[0, 6\), got 7"):
+        r.rows(np.array([7]))
