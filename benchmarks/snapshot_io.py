@@ -574,11 +574,12 @@ def run_reader(K: int, S: int, warm_calls: int, cold_rounds: int, fresh: bool) -
     index_cold = time.perf_counter() - t0
     assert reader.steps == list(range(1, S + 1)), reader.steps[:5]
 
-    index = reader._index("unembedding")  # (fd, offset of the step's matrix): the floor's reads, no checks
+    index = reader._index("unembedding")  # (file number, offset of the step's matrix): the floor's reads
+    floor_fds = [os.open(p, os.O_RDONLY) for p in reader._paths]  # the floor holds every file open itself
     rb = reader.row_bytes
     floor_buf = bytearray(len(index) * rb)
     fmv = memoryview(floor_buf)
-    floor_items = [(fd, b, (fmv[i * rb:(i + 1) * rb],)) for i, (fd, b) in enumerate(index)]
+    floor_items = [(floor_fds[n], b, (fmv[i * rb:(i + 1) * rb],)) for i, (n, b) in enumerate(index)]
 
     def floor(tok):
         p, sh = os.preadv, tok * rb
@@ -687,6 +688,8 @@ def run_reader(K: int, S: int, warm_calls: int, cold_rounds: int, fresh: bool) -
     extra["index (`SnapshotReader(dir)`: scan + every header), warm"] = [index_warm]
     extra["index, cold (file data evicted; inodes and dentries stay cached)"] = [index_cold]
     reader.close()
+    for fd in floor_fds:
+        os.close(fd)
     return {"K": K, "S": S, "files": len(files), "warm": warm, "warm_cpu": warm_cpu, "in_a_row": in_a_row,
             "cold": cold, "extra": extra, "before": before, "after": conditions(), "data": how,
             "warm_calls": warm_calls, "cold_rounds": cold_rounds, "nowait_misses": nowait_misses}
