@@ -93,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--flash-attention", action=argparse.BooleanOptionalAction, default=True)
     run.add_argument("--activation-checkpointing", action="store_true")
     run.add_argument("--keep-logits", action="store_true",
-                     help="the training step holds the logits through backward (nanoGPT's train.py does)")
+                     help="the training step holds the logits through backward (nanoGPT's train.py does); with "
+                          "--compile: the compiled graph returns them")
+    run.add_argument("--compile", action="store_true",
+                     help="the training step is torch.compile'd (inductor, trainer.fit(torch.compile(model))): the "
+                          "compiled partition's activations, modelled for GPT-2-style blocks")
     run.add_argument("--gpu", choices=list(GPUS), metavar="NAME", help="one of: " + ", ".join(GPUS))
     run.add_argument("--mfu", type=_fraction, default=DEFAULT_MFU, help=f"assumed utilisation (default {DEFAULT_MFU})")
     snap = p.add_argument_group("snapshots")
@@ -168,7 +172,8 @@ def _main(argv: list[str] | None) -> int:
             shape=shape,
             setup=TrainSetup(args.batch_size, args.seq_len, args.grad_accum, args.devices, args.num_nodes, args.precision,
                              args.optimizer, args.momentum, args.optimizer_impl, args.strategy, args.flash_attention,
-                             args.activation_checkpointing, args.keep_logits),
+                             keep_logits=args.keep_logits, activation_checkpointing=args.activation_checkpointing,
+                             compile=args.compile),
             steps=args.steps,
             snapshot=SnapshotSpec(args.save_every, args.snapshot_dtype, args.snapshots_per_file, args.include_embedding),
             logging=LoggingSpec(args.log_every_n_steps, args.train_metrics, args.eval_every, args.eval_metrics,
@@ -192,7 +197,7 @@ def _flag_message(err: ValueError) -> str:
     """Turn ``\\`n_head\\``` into ``--n-head`` so the message names the flag the user typed."""
     text = str(err)
     for name in ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "head_dim", "d_mlp", "n_ctx", "seq_len",
-                 "save_every_n_steps", "snapshots_per_file", "steps"):
+                 "save_every_n_steps", "snapshots_per_file", "steps", "compile"):
         flag = {"save_every_n_steps": "save_every"}.get(name, name)
         text = text.replace(f"`{name}`", f"--{flag.replace('_', '-')}")
     return text

@@ -17,14 +17,19 @@ from . import flops as F
 from .budgets import POLICIES, Verdict
 from .checkpoint import checkpoint_bytes
 from .gpus import gpu as lookup_gpu
-from .memory import (TrainSetup, activation_bytes, max_batch_size, max_batch_size_traced, min_devices,
-                     min_devices_traced, peak_memory)
+from .memory import (TrainSetup, activation_bytes, compiled_unsupported, max_batch_size, max_batch_size_traced,
+                     min_devices, min_devices_traced, peak_memory)
 from .params import count_params
 from .shapes import ModelShape
 from .wandb_usage import LoggingSpec, wandb_usage
 
 SCALING_VOCAB_SIZES = (128, 1_000, 5_000, 10_000, 32_000, 50_000)
 DEFAULT_MFU = 0.4
+# What no compiled forecast models, traced or analytic (a note whenever one is made).
+COMPILED_CAVEATS = ("compiled: one graph per compiled region (graph breaks not modelled); inductor's CPU code "
+                    "generation (CUDA/Triton fuse and reuse buffers differently in details); max-autotune and CUDA "
+                    "graphs (reduce-overhead) not modelled")
+COMPILED_ANALYTIC = "analytic compiled transformer (inductor partition modelled from fake-tensor traces)"
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,11 @@ class PlanInputs:
             raise ValueError(f"`mfu` must be in (0, 1], got {self.mfu!r}")
         if self.gpu is not None:
             lookup_gpu(self.gpu)
+        why = compiled_unsupported(self.shape, self.setup) if self.setup.compile else None
+        if why:
+            raise ValueError(f"`compile`: {why}; the compiled forecast is modelled for GPT-2-style blocks under ddp "
+                             "in bf16-mixed, 16-mixed or 32-true only (drop it for the eager forecast, or let "
+                             "BudgetCallback trace the compiled module at fit start)")
 
     def layout(self) -> SnapshotLayout:
         return self.snapshot.layout(self.shape)
@@ -211,6 +221,10 @@ class Measured:
     trace: dict | None = None  # the traced step's byte figures (tracing.trace_training_step_memory)
     trace_per_sample: dict | None = None  # their slope per sample of the micro-batch (two traces)
     model: dict | None = None  # what was found in a module that declares no shape (name, counts, layers, tied)
+    # (micro-batch, trace) the slope starts from when it is not the run's own: a compiled step's peak is affine
+    # in the micro-batch only from 3 on, so its line is anchored there and the run's micro-batch traced as it is
+    trace_anchor: tuple[int, dict] | None = None
+    mode: str = "eager"  # "eager" | "compiled": what the traced step ran as
 
 
 def forecast(inputs: PlanInputs, measured: Measured | None = None, free_disk_bytes: int | None = None) -> Forecast:
@@ -245,14 +259,19 @@ def forecast(inputs: PlanInputs, measured: Measured | None = None, free_disk_byt
             mem["trace_per_sample"] = measured.trace_per_sample
         if budget_memory and measured.trace is not None:
             if measured.trace_per_sample is not None:
-                mem["max_batch_size"] = max_batch_size_traced(measured.trace, measured.trace_per_sample,
-                                                              setup.micro_batch_size, setup, budget_memory, capture)
+                anchor_batch, anchor = measured.trace_anchor or (setup.micro_batch_size, measured.trace)
+                mem["max_batch_size"] = max_batch_size_traced(anchor, measured.trace_per_sample, anchor_batch, setup,
+                                                              budget_memory, capture,
+                                                              exact={setup.micro_batch_size: measured.trace})
             mem["min_devices"] = min_devices_traced(measured.trace, setup, budget_memory, capture)
+        mem["mode"] = measured.mode
     else:
         mem = peak_memory(shape, setup, n, capture_bytes=capture)
         mem["activations"] = activation_bytes(shape, setup)
-        mem["activations_method"] = (measured.method if measured else "analytic transformer") + (
-            " (flash attention)" if setup.flash_attention else " (materialised attention)")
+        mem["activations_method"] = COMPILED_ANALYTIC if setup.compile else (
+            (measured.method if measured else "analytic transformer")
+            + (" (flash attention)" if setup.flash_attention else " (materialised attention)"))
+        mem["mode"] = "compiled" if setup.compile else "eager"
         mem["limits_known"] = True
         mem["max_batch_size"] = max_batch_size(shape, setup, budget_memory, n, capture_bytes=capture) \
             if budget_memory else None
@@ -327,6 +346,8 @@ def forecast(inputs: PlanInputs, measured: Measured | None = None, free_disk_byt
         decision = "warn" if budgets.on_exceed == "warn" else "abort"
     if traced:
         notes.append(f"activations and FLOPs: {measured.method}")
+    if mem["mode"] == "compiled":
+        notes.append(COMPILED_CAVEATS)
     model = measured.model if measured is not None else None
     return Forecast(inputs, params, mem, flops, time, storage, usage, verdicts, every, decision, notes, model)
 

@@ -42,7 +42,7 @@ def render(f: Forecast) -> str:
                   + [("total", f"{f.params['total']:,}")], format_count(f.params["total"]) + ", " + tied)
     m = f.memory
     phase = m["phases"][m["peak_phase"]]
-    out += _table(f"Memory per device at the peak ({m['peak_phase'].replace('_', ' ')})",
+    out += _table(f"Memory per device at the peak ({m['peak_phase'].replace('_', ' ')}), {m.get('mode', 'eager')} step",
                   _bytes_rows(phase, ["params", "gradients", "optimizer", "activations", "other", "total"]),
                   m["activations_method"])
     for name, other in m["phases"].items():
@@ -82,7 +82,7 @@ def render(f: Forecast) -> str:
         ("W&B staging copies", format_bytes(st["wandb_staging_bytes"])),
         ("stacked-file rewrite headroom", format_bytes(st["rewrite_headroom_bytes"])),
         ("total on disk", format_bytes(st["total_bytes"])),
-        ("host RAM for buffered snapshots", format_bytes(st["host_buffer_bytes"]))])
+        ("host RAM for the snapshot ring (at most)", format_bytes(st["host_buffer_bytes"]))])
     out.append("  vocab scaling:  " + "  ".join(f"V={r['vocab_size']:,}: {format_bytes(r['snapshot_bytes'])}" for r in st["scaling"]))
     out.append("")
     w = f.wandb

@@ -56,6 +56,7 @@ class _LiveStorageTracker(TorchDispatchMode):
         self.phase = "setup"
         self.peak_phase = "setup"
         self.phase_peak_bytes: dict[str, int] = {}
+        self.phase_start_bytes: dict[str, int] = {}  # live bytes when each phase began
 
     def track(self, tensors: Any) -> None:
         """Start counting the storages of every tensor in the pytree ``tensors``."""
@@ -67,12 +68,14 @@ class _LiveStorageTracker(TorchDispatchMode):
         """Label subsequent allocations (``forward``, ``backward``, ...)."""
         self.phase = phase
         self.phase_peak_bytes[phase] = self.current_bytes
+        self.phase_start_bytes[phase] = self.current_bytes
 
     def reset_peak(self) -> None:
         """Forget the peak so far; the next peak starts from the current bytes."""
         self.peak_bytes = self.current_bytes
         self.peak_phase = self.phase
         self.phase_peak_bytes = {}
+        self.phase_start_bytes = {}
 
     def _add(self, storage: torch.UntypedStorage) -> None:
         key = id(storage)
@@ -128,12 +131,22 @@ def _fake_like(fake_mode: FakeTensorMode, t: torch.Tensor) -> torch.Tensor:
 
 
 def _fake_module(module: nn.Module, fake_mode: FakeTensorMode, skip: tuple = ()) -> tuple[nn.Module, dict]:
-    """Deep-copy ``module`` with every parameter, buffer and tensor attribute made fake.
+    """Deep-copy ``module`` with every parameter, buffer and tensor attribute made fake, to run eagerly.
 
-    The deepcopy memo is pre-filled with fake counterparts, so no real tensor is
-    copied (``Tensor.__deepcopy__`` would copy real storages) and tied weights
-    stay tied. Works for modules on any device, ``meta`` included. Returns the
-    copy and the memo (``id(real tensor) -> fake tensor``).
+    Works for modules on any device, ``meta`` included. Returns the copy and the
+    memo (``id(real tensor) -> fake tensor``, see :func:`_fake_memo`).
+    """
+    memo = _fake_memo(module, fake_mode, skip)
+    with fake_mode:
+        fake = copy.deepcopy(module, memo)
+    return _run_eagerly_on_itself(fake, memo), memo
+
+
+def _fake_memo(module: nn.Module, fake_mode: FakeTensorMode, skip: tuple = ()) -> dict[int, Any]:
+    """A deepcopy memo pre-filled with a fake counterpart of every tensor ``module`` holds.
+
+    No real tensor is then copied (``Tensor.__deepcopy__`` would copy real storages)
+    and tied weights stay tied; the objects in ``skip`` become None in the copy.
     """
     memo: dict[int, Any] = {id(obj): None for obj in skip}  # left out of the copy (e.g. the Trainer)
     for p in module.parameters():
@@ -149,9 +162,7 @@ def _fake_module(module: nn.Module, fake_mode: FakeTensorMode, skip: tuple = ())
             for t in tree_leaves(value):
                 if isinstance(t, torch.Tensor) and id(t) not in memo:
                     memo[id(t)] = _fake_like(fake_mode, t)
-    with fake_mode:
-        fake = copy.deepcopy(module, memo)
-    return _run_eagerly_on_itself(fake, memo), memo
+    return memo
 
 
 _STEP_METHODS = ("forward", "training_step", "validation_step", "test_step", "predict_step")
@@ -185,7 +196,13 @@ def _run_eagerly_on_itself(fake: nn.Module, memo: dict[int, Any]) -> nn.Module:
         for name, value in list(vars(mod).items()):
             if inspect.ismethod(value) and id(value.__self__) in memo:
                 setattr(mod, name, types.MethodType(value.__func__, memo[id(value.__self__)]))
-        if callable(getattr(mod, "log_dict", None)):  # a LightningModule's logging: no memory to speak of
+    return _quiet_logging(fake)
+
+
+def _quiet_logging(fake: nn.Module) -> nn.Module:
+    """A LightningModule's ``log``/``log_dict`` do nothing in the copy (no memory to speak of; no Trainer)."""
+    for mod in fake.modules():
+        if callable(getattr(mod, "log_dict", None)):
             mod.log = mod.log_dict = lambda *args, **kwargs: None
     return fake
 
@@ -235,14 +252,30 @@ def trace_training_step_memory(*args, **kwargs) -> dict[str, Any]:
     """:func:`_trace` (its docstring says everything); a step that reads a value out of a tensor
     (``loss.item()`` for a print or a log: fake tensors have no values) is traced again with a shape
     environment, in which such a value is a symbol that can be carried but not branched on."""
+    return _retrying_value_reads(_trace, *args, **kwargs)
+
+
+def _retrying_value_reads(trace: Callable[..., dict], *args, **kwargs) -> dict[str, Any]:
+    """``trace(*args, **kwargs)``, again with a shape environment if the step read a value out of a tensor."""
+    try:
+        return trace(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        if not _reads_a_value(exc):
+            raise
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    return trace(*args, shape_env=ShapeEnv(), **kwargs)
+
+
+def _reads_a_value(exc: BaseException | None) -> bool:
+    """Did ``exc`` (or what caused it) come from reading a value out of a fake tensor?"""
     from torch._subclasses.fake_tensor import DataDependentOutputException
 
-    try:
-        return _trace(*args, **kwargs)
-    except DataDependentOutputException:
-        from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-        return _trace(*args, shape_env=ShapeEnv(), **kwargs)
+    while exc is not None:
+        if isinstance(exc, DataDependentOutputException):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 def _trace(
@@ -310,11 +343,7 @@ def _trace(
         raise ValueError("`module` has no parameters with `requires_grad=True`; there is nothing to train.")
 
     with torch.compiler.set_stance("force_eager"), fake_mode:
-        if optimizer is not None:
-            given = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
-            optimizers = [rebuild_optimizer(o, memo, optimizer_overrides) for o in given]
-        else:
-            optimizers = [optimizer_cls(params, **(optimizer_kwargs or {}))]
+        optimizers = _make_optimizers(params, memo, optimizer, optimizer_cls, optimizer_kwargs, optimizer_overrides)
         # Step 1 creates the optimizer state (lazily, as on the first real step).
         for p in params:
             p.grad = torch.zeros_like(p)
@@ -325,16 +354,7 @@ def _trace(
         _run_manually(fmodule, optimizers)
 
     states = [list(o.state.values()) for o in optimizers]
-    tracker = _LiveStorageTracker()
-    for name, t in (watch or {}).items():
-        fake = memo.get(id(t))
-        if isinstance(fake, torch.Tensor):
-            tracker.watched[fake.untyped_storage()._cdata] = name
-    for o in optimizers:  # an optimizer's own writes to the parameters are what a step is
-        o.register_step_pre_hook(lambda *_: setattr(tracker, "in_optimizer", tracker.in_optimizer + 1))
-        o.register_step_post_hook(lambda *_: setattr(tracker, "in_optimizer", tracker.in_optimizer - 1))
-    tracker.track((list(fmodule.parameters()), list(fmodule.buffers()), fbatch, states))
-    tracker.reset_peak()
+    tracker = _step_tracker(fmodule, fbatch, optimizers, memo, watch)
     autocast = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     counter = FlopCounterMode(display=False)
     with torch.compiler.set_stance("force_eager"), fake_mode, tracker:
@@ -352,7 +372,39 @@ def _trace(
             tracker.set_phase("optimizer")
             for o in optimizers:
                 o.step()
+    return _step_result(fmodule, params, states, fbatch, tracker, counter)
 
+
+def _make_optimizers(params: list[nn.Parameter], memo: dict[int, Any], optimizer, optimizer_cls, optimizer_kwargs,
+                     optimizer_overrides) -> list[torch.optim.Optimizer]:  # noqa: ANN001
+    """The run's own optimizer(s) rebuilt on the fake parameters, or ``optimizer_cls(params, **optimizer_kwargs)``."""
+    if optimizer is not None:
+        given = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+        return [rebuild_optimizer(o, memo, optimizer_overrides) for o in given]
+    return [optimizer_cls(params, **(optimizer_kwargs or {}))]
+
+
+def _step_tracker(fmodule: nn.Module, fbatch: Any, optimizers: list[torch.optim.Optimizer], memo: dict[int, Any],
+                  watch: dict[str, torch.Tensor] | None) -> _LiveStorageTracker:
+    """A tracker that already counts the persistent tensors (parameters, buffers, batch, optimizer state), sees
+    the optimizers' steps, and watches the fake counterparts of ``watch``."""
+    tracker = _LiveStorageTracker()
+    for name, t in (watch or {}).items():
+        fake = memo.get(id(t))
+        if isinstance(fake, torch.Tensor):
+            tracker.watched[fake.untyped_storage()._cdata] = name
+    for o in optimizers:  # an optimizer's own writes to the parameters are what a step is
+        o.register_step_pre_hook(lambda *_: setattr(tracker, "in_optimizer", tracker.in_optimizer + 1))
+        o.register_step_post_hook(lambda *_: setattr(tracker, "in_optimizer", tracker.in_optimizer - 1))
+    states = [list(o.state.values()) for o in optimizers]
+    tracker.track((list(fmodule.parameters()), list(fmodule.buffers()), fbatch, states))
+    tracker.reset_peak()
+    return tracker
+
+
+def _step_result(fmodule: nn.Module, params: list[nn.Parameter], states: Any, fbatch: Any,
+                 tracker: _LiveStorageTracker, counter: FlopCounterMode) -> dict[str, Any]:
+    """The traced step's figures (see :func:`_trace`'s Returns)."""
     result = {
         "params_bytes": _storage_bytes(list(fmodule.parameters())),
         "buffers_bytes": _storage_bytes(list(fmodule.buffers())),

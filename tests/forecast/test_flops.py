@@ -26,9 +26,3 @@ def test_time_and_mfu_roundtrip():
     assert peak == 989.4e12
     seconds = train_seconds(1e18, peak, 8, 0.4)
     assert mfu(1e18, seconds, peak, 8) == pytest.approx(0.4)
-
-
-def test_gpu_table_is_dense_and_rejects_unknown():
-    assert gpu("h200").peak_flops("bfloat16") < 1.0e15  # 2e15 would be the sparse figure
-    with pytest.raises(ValueError, match="`gpu`"):
-        gpu("tpu-v5")

@@ -1,0 +1,187 @@
+"""The compiled step: found however a user compiles, traced from inductor's own partition, checked against a real
+compiled step measured by the profiler (an independent method), and forecast at fit start."""
+
+import gc
+import warnings
+
+import pytest
+import torch
+from lightning.pytorch.utilities.compile import from_compiled
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._pytree import tree_leaves
+
+from budget_callback import BudgetCallback
+from budget_callback.forecast.memory import TrainSetup, memory_phases, peak_memory_from_trace
+from budget_callback.forecast.shapes import ModelShape
+from budget_callback.lightning.tracing import trace_training_step_memory
+from budget_callback.lightning.tracing_compiled import (CompiledTraceError, find_compiled_regions,
+                                                        trace_compiled_training_step_memory)
+from budget_callback.models.gpt import GPT
+from helpers import LlamaLM, token_loader, trainer
+
+
+def _quiet(model):
+    model.log = lambda *args, **kwargs: None  # no Trainer outside fit
+    return model
+
+
+def _step(model, batch):
+    return model.training_step(batch, 0)
+
+
+def _storage_bytes(tensors) -> int:
+    seen = {}
+    for t in tree_leaves(tensors):
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            seen[st.data_ptr() or id(st)] = st.nbytes()
+    return sum(seen.values())
+
+
+def _real_compiled_peak(model, opt, batch, autocast_dtype=None) -> int:
+    """The peak tensor bytes of a real compiled step (forward, backward, optimizer step) after two warm-up steps.
+
+    Measured with torch.profiler's memory events: inductor's buffers come from c10's CPU allocator without the
+    dispatcher (no dispatch-mode tracker sees them), and the profiler reports every allocation and free."""
+    def step():
+        with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = _step(model, batch)
+        loss.backward()
+        del loss
+        opt.step()
+
+    for _ in range(2):
+        step()
+        opt.zero_grad(set_to_none=True)
+    gc.collect()
+    before = _storage_bytes((list(model.parameters()), list(model.buffers()), list(opt.state.values()), batch))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    running = peak = 0
+    for _, n in events:
+        running += n
+        peak = max(peak, running)
+    assert running == _storage_bytes([p.grad for p in model.parameters()]), "an allocation or a free was missed"
+    return before + peak
+
+
+def _batch(vocab=256, b=4, t=64):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, vocab, (b, t), generator=g), torch.randint(0, vocab, (b, t), generator=g)
+
+
+def test_finds_every_way_users_compile():
+    plain = LlamaLM()
+    assert find_compiled_regions(plain) == []
+
+    lightning_way = from_compiled(torch.compile(LlamaLM()))  # what trainer.fit(torch.compile(model)) trains
+    assert {r.where for r in find_compiled_regions(lightning_way)} >= {"<root>.forward", "<root>.training_step"}
+
+    method = LlamaLM()
+    method.compile(mode="max-autotune")
+    (region,) = find_compiled_regions(method)
+    assert region.where == "<root> (.compile())" and region.backend == "inductor"
+    assert "max_autotune" in region.describe()
+
+    children = LlamaLM()
+    children.layers = nn.ModuleList(torch.compile(layer, backend="aot_eager") for layer in children.layers)
+    assert [(r.where, r.backend) for r in find_compiled_regions(children)] == [
+        ("layers.0 (torch.compile)", "aot_eager"), ("layers.1 (torch.compile)", "aot_eager")]
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_compiled_trace_equals_a_real_compiled_step(autocast):
+    """Llama-style (RMSNorm, GQA, SwiGLU, untied head), AdamW: the forecast of the compiled step is the measured
+    peak to the byte, and below what the same step needs eagerly (what the old forecast gave)."""
+    torch.manual_seed(0)
+    model = _quiet(LlamaLM(vocab=256, d=64, layers=2))
+    model.compile()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = _batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = trace_compiled_training_step_memory(model, batch, _step, optimizer=opt, autocast_dtype=autocast)
+        eager = trace_training_step_memory(model, batch, _step, optimizer=opt, autocast_dtype=autocast)
+    assert compiled["peak_bytes"] == _real_compiled_peak(model, opt, batch, autocast)
+    assert compiled["peak_bytes"] < 0.9 * eager["peak_bytes"]
+    assert not any(isinstance(p, torch._subclasses.FakeTensor) for p in model.parameters())
+
+
+def test_a_backend_it_cannot_trace_is_named():
+    model = _quiet(LlamaLM())
+    model.compile(backend=lambda gm, example: gm.forward)  # a user's own backend
+    with pytest.raises(CompiledTraceError, match="backend"):
+        trace_compiled_training_step_memory(model, _batch(vocab=64), _step, optimizer_cls=torch.optim.AdamW)
+
+
+def test_fit_forecasts_the_compiled_step(tmp_path):
+    """trainer.fit on a compiled module: the fit-start forecast is the compiled partition's, with the largest
+    micro-batch and fewest devices; the real compiled run trains and snapshots as usual."""
+    torch.manual_seed(0)
+    model = LlamaLM(vocab=256, d=64, layers=2)
+    model.compile()
+    cb = BudgetCallback(tmp_path / "s", snapshot_dtype="float32", memory_budget="64MiB", verbose=False)
+    trainer(tmp_path, [cb], max_steps=2).fit(model, token_loader(vocab=256, seq=64, batch=4))
+    m = cb.forecast.memory
+    assert m["mode"] == "compiled" and "compiled" in m["activations_method"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        x = torch.randint(0, 256, (4, 64))
+        opt = model.trainer.optimizers[0]
+        compiled = trace_compiled_training_step_memory(model, (x, x + 1), _step, optimizer=opt)
+        eager = trace_training_step_memory(model, (x, x + 1), _step, optimizer=opt)
+    setup = cb.forecast.inputs.setup
+    assert m["peak_bytes"] == peak_memory_from_trace(compiled, setup)["peak_bytes"]
+    assert m["peak_bytes"] < peak_memory_from_trace(eager, setup)["peak_bytes"]
+    assert m["max_batch_size"] > 4 and m["min_devices"] == 1
+    assert any("forecast as compiled (inductor)" in n for n in cb.forecast.notes)
+    assert cb.bytes_written == cb.projected_bytes == sum(f.stat().st_size for f in (tmp_path / "s").glob("*.safetensors")) > 0
+
+
+def test_fit_with_an_untraceable_compiled_step_forecasts_eager_and_says_so(tmp_path):
+    model = LlamaLM(vocab=64, d=16)
+    model.compile(backend=lambda gm, example: gm.forward)
+    cb = BudgetCallback(tmp_path / "s", snapshot_dtype="float32", verbose=False)
+    trainer(tmp_path, [cb], max_steps=1).fit(model, token_loader(vocab=64))
+    assert cb.forecast.memory["mode"] == "eager"
+    assert cb.forecast.memory["phases"]["forward_backward"]["activations"] > 0  # the eager trace's
+    assert any("compiled step could not be traced (CompiledTraceError" in n and "forecast as eager" in n
+               for n in cb.forecast.notes)
+
+
+class _LossOnly(nn.Module):
+    """The whole step in one graph that returns the loss only (what a compiled ``training_step`` is)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y):
+        return self.model(x, y)[1]
+
+
+@pytest.mark.parametrize("precision,batch,returns", [("bf16-mixed", 1, "loss"), ("bf16-mixed", 4, "loss"),
+                                                     ("bf16-mixed", 4, "logits"), ("32-true", 2, "logits")])
+def test_analytic_compiled_forecast_within_3_percent_of_the_compiled_trace(precision, batch, returns):
+    """`plan --compile`'s model of the compiled partition against a compiled trace of the reference GPT; a graph
+    that returns the logits too (``logits, loss = model(x, y)`` compiled) is ``keep_logits``."""
+    shape = ModelShape(vocab_size=2000, d_model=128, n_layer=2, n_head=4, n_ctx=128)
+    setup = TrainSetup(batch, precision=precision, optimizer="adamw", optimizer_impl="fused", compile=True,
+                       keep_logits=returns == "logits")
+    torch.manual_seed(0)
+    model = GPT(shape)
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
+    x = torch.randint(0, shape.vocab_size, (batch, shape.n_ctx))
+    compiled, step = ((torch.compile(model), lambda m, b: m(b[0], b[1])[1]) if returns == "logits"
+                      else (torch.compile(_LossOnly(model)), lambda m, b: m(b[0], b[1])))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = trace_compiled_training_step_memory(
+            compiled, (x, x), step, optimizer=opt, autocast_dtype=torch.bfloat16 if precision == "bf16-mixed" else None)
+    analytic = memory_phases(shape, setup)["forward_backward"]["total"]
+    assert analytic == pytest.approx(traced["backward_peak_bytes"], rel=0.03)
+    eager = memory_phases(shape, TrainSetup(batch, precision=precision, optimizer="adamw", optimizer_impl="fused",
+                                            keep_logits=returns == "logits"))["forward_backward"]["total"]
+    assert analytic < eager
