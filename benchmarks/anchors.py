@@ -75,3 +75,36 @@ def korthikanti_activations(seq: int, batch: int, hidden: int, heads: int, layer
     """
     s, b, h, a = seq, batch, hidden, heads
     return layers * (s * b * h * 34 + 5 * a * s * s * b)
+
+
+def megatron_theoretical_memory(seq: int, batch: int, hidden: int, heads: int, layers: int, vocab: int,
+                                ffn_hidden: int, kv_heads: int | None = None, swiglu: bool = False,
+                                rmsnorm: bool = False, untied: bool = False) -> dict[str, int]:
+    """Megatron-LM's ``report_theoretical_memory`` on one GPU: no tensor, pipeline or sequence parallelism,
+    no distributed optimizer, no MoE/MTP (bytes; Megatron prints them divided by 2**20 as "MB").
+
+    NVIDIA/Megatron-LM ``megatron/training/theoretical_memory_usage.py``
+    (https://github.com/NVIDIA/Megatron-LM/blob/00caa53af30912914981c86f39db123961678bbd/megatron/training/theoretical_memory_usage.py):
+    ``compute_weight_and_optimizer_memory``: parameters by its own formula, per layer
+    ``2*h*(ffn*(3/2 if swiglu else 1) + norm) + 2*h*h*(1 + groups/heads)*(kv_channels*heads/h)`` (``norm`` = 1 for
+    RMSNorm, 2 for LayerNorm), plus ``h*V`` embedding (twice when untied), plus the final norm ``norm*h``;
+    no position embedding and no linear biases counted; ``num_bytes_per_parameter = 18`` without the
+    distributed optimizer. ``compute_activation_memory_without_sp`` (the path ``report_theoretical_memory``
+    takes without sequence parallelism): per layer ``s*b*h*(10 + 24/tp)``, times L, ``+ 8*s*b`` (embedding input)
+    ``+ s*b*h`` (embedding dropout), ``+ (s*b*V/tp + s*b*h) * 2`` (logits and final norm output, pp = 1),
+    the whole times 1.05 ("optimizer and miscellaneous temporaries").
+    """
+    s, b, h, a, V = seq, batch, hidden, heads, vocab
+    groups = a if kv_heads is None else kv_heads
+    norm = 1 if rmsnorm else 2
+    kv_channels = h // a
+    attn = 2 * h * h * ((1 + groups / a) * (kv_channels * a / h))
+    per_layer = 2 * h * (ffn_hidden * (1.5 if swiglu else 1) + norm) + attn
+    embedding = h * V
+    params = per_layer * layers + norm * h + embedding * (2 if untied else 1)
+    weights_optimizer = params * 18
+    tp = 1
+    acts = s * b * h * (10 + 24 / tp) * layers + 8 * s * b + s * b * h + (s * b * V / tp + s * b * h) * 2
+    acts *= 1.05
+    return {"params": int(params), "weights_optimizer": int(weights_optimizer), "activations": int(acts),
+            "total": int(weights_optimizer + acts)}

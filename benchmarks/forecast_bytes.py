@@ -28,6 +28,7 @@ from budget_callback import BudgetCallback  # noqa: E402
 from budget_callback.lightning.inputs import module_params  # noqa: E402
 from budget_callback.forecast.shapes import ModelShape  # noqa: E402
 from budget_callback.snapshots.format import SnapshotLayout  # noqa: E402
+from budget_callback.snapshots.image import FileImage  # noqa: E402
 from budget_callback.snapshots.schedule import Schedule, series_bytes  # noqa: E402
 from budget_callback.snapshots.series import Series  # noqa: E402
 from budget_callback.snapshots.writer import SnapshotWriter  # noqa: E402
@@ -52,7 +53,10 @@ def writer_case(V, D, dtype, K, every, steps, include_embedding=False) -> list:
     for step in range(1, steps + 1):
         placement = series.place(step)
         if placement is not None:
-            w.submit(placement, {name: t for name in layout.names})
+            image = FileImage(layout)  # the host buffer laid out as the file, as the capture fills it
+            for view in image.prepare(placement.step, placement.every).values():
+                view.copy_(t)
+            w.submit(placement, image)
     w.close()
     on_disk = files_on_disk(d)
     # per-file forecast: the file starting at step s holds min(K, remaining) snapshots

@@ -17,14 +17,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, log, machine  # noqa: E402
 
-ORDER = ["streaming", "snapshot_io", "forecast_bytes", "wandb_run_file", "peak_memory", "setup_cost", "scaling"]
+ORDER = ["streaming", "snapshot_io", "forecast_bytes", "wandb_run_file", "peak_memory", "compiled_memory", "setup_cost", "scaling",
+         "gpu_check"]
+PLACEHOLDERS = {  # a section whose script wrote nothing here
+    "gpu_check": "## 5. GPU checks\n\nNot measured on GPU yet: this machine has no CUDA device (`python benchmarks/gpu_check.py` "
+                 "says so and exits 0). On one, that command runs every check that needs CUDA and writes this "
+                 "section; `--quick`, `--part` and `--models` cut it to fit a session.\n",
+}
 
 INTRO = """# Benchmarks
 
 How the forecast compares with reality, and what the callback costs. Every figure below was
 measured by the scripts in `benchmarks/` on the machine described here; each row names the command
 that reproduces it (run from the repository root with the project's environment). Regenerate
-everything with `python benchmarks/run_all.py` (about 15 minutes here), or one section with its own
+everything with `python benchmarks/run_all.py` (about 45 minutes here), or one section with its own
 script followed by `python benchmarks/run_all.py --assemble`. Nothing here is part of `pytest`.
 
 Ratios are measured side by side in one run (with and without, alternating), medians over
@@ -40,7 +46,7 @@ def assemble() -> Path:
     for name in ORDER:
         path = RESULTS / f"{name}.md"
         parts.append(path.read_text() if path.exists() else
-                     f"## {name}\n\nNot run yet: `python benchmarks/{name}.py`.\n")
+                     PLACEHOLDERS.get(name, f"## {name}\n\nNot run yet: `python benchmarks/{name}.py`.\n"))
     out = ROOT / "BENCHMARKS.md"
     out.write_text("\n".join(parts).rstrip() + "\n")
     log(f"wrote {out.relative_to(ROOT)}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .precision import optimizer_states_per_param
 
-CHECKPOINT_FIXED_BYTES = 2_300  # trainer/loop state, callbacks, zip end records
+CHECKPOINT_FIXED_BYTES = 2_748  # trainer/loop state, callbacks (ours: run id, layout, schedule), zip end records
 PARAM_TENSOR_OVERHEAD_BYTES = 325  # per state_dict entry
 STATE_TENSOR_OVERHEAD_BYTES = 260  # per optimizer state tensor
 

@@ -59,6 +59,7 @@ class CaptureStats:
     copy_wait_seconds: float = 0.0
     taken: int = 0
     torn: int = 0  # snapshots dropped because W changed while it was being copied
+    path: str = ""  # how the last snapshot was copied: "cuda pinned ring" | "cpu copier" | "cpu guarded"
 
 
 @dataclass
@@ -147,6 +148,9 @@ class Capture:
             if any(w.device.type == "cuda" for w in matrices.values()):
                 for name, w in matrices.items():
                     views[name].copy_(w, non_blocking=True)
+                    if self._gather is not None:  # the gathered W is freed when the gather ends, perhaps into
+                        w.record_stream(torch.cuda.current_stream())  # another stream's pool: keep it to the copy
+                self.stats.path = "cuda pinned ring"
                 event = torch.cuda.Event()
                 event.record()
                 ready(image, event, self._release(slot))
@@ -157,6 +161,7 @@ class Capture:
         # a gathered W is a private copy: nothing else writes it; the model's own W is watched until checked
         watch = {} if self._gather is not None else matrices
         sample = self._sample(watch, image) if self.overlap else {}  # guarded: checked before anything runs
+        self.stats.path = "cpu copier" if self.overlap else "cpu guarded"
         self._requests.put((image, matrices, _Copied(image, watch, versions, sample, step, ready,
                                                      self._release(slot))))
         if not self.overlap:

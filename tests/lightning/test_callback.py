@@ -375,7 +375,7 @@ def test_snapshot_of_step_s_is_w_after_step_s_with_a_slow_writer_and_a_fast_mode
     trainer(tmp_path, [cb, rec], max_steps=12).fit(TinyLM(), token_loader(n=100))
     reader = SnapshotReader(tmp_path / "s")
     capture = cb._fit.capture
-    assert capture.overlap and capture.stats.torn == 0  # the copies overlapped the next forward and backward
+    assert capture.overlap and capture.stats.torn == 0 and capture.stats.path == "cpu copier"  # overlapped the next step
     assert reader.steps == list(range(1, 13)) and capture.stats.waits >= 1
     for step in reader.steps:
         assert torch.equal(reader.load(step), rec.seen[step])

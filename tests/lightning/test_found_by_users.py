@@ -78,7 +78,7 @@ def test_w_changed_after_the_step_is_never_torn_into_a_snapshot(tmp_path, who):
     assert reader.steps == [1, 2, 3, 4, 5, 6]
     for step in reader.steps:
         assert torch.equal(reader.load(step), rec.w[step])
-    assert any(e["event"] == "copy_guarded" for e in cb.events)
+    assert any(e["event"] == "copy_guarded" for e in cb.events) and cb._fit.capture.stats.path == "cpu guarded"
 
 
 class WritesInStep(Head):
