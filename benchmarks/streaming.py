@@ -11,7 +11,7 @@
 (d) Disk-bound: W as a sparse embedding (a step costs a few ms): the disk sets the pace; the
     back-pressure training sees is reported.
 
-    python benchmarks/streaming.py            # ~14 min here
+    python benchmarks/streaming.py            # ~18 min here
     python benchmarks/streaming.py --quick    # fewer runs, a smoke test
 """
 
@@ -178,7 +178,7 @@ def wide_overhead(pairs: int, steps: int, warmup: int, user_callback: bool = Fal
         shutil.rmtree(directory, ignore_errors=True)
         return seconds, cb
 
-    return alternate(pairs, run)
+    return alternate(pairs, run, control=not user_callback)
 
 
 # --- (d) disk-bound -------------------------------------------------------------------------------
@@ -247,6 +247,8 @@ def main(argv=None) -> int:
          f"keeping up): step time with / without, {wide_pairs} alternating pairs x {wide_steps} steps",
          f"{rb:.4f} ({(rb - 1) * 100:+.1f}%); with {median(b['with']) * 1e3:.0f} ms, without "
          f"{median(b['without']) * 1e3:.0f} ms", spread(b["ratios"], "{:.4f}"), "<= 1.05", verdict(rb <= 1.05), cmd],
+        ["  (b) control: a second run without the callback / the first, in the same rounds",
+         f"{median(b['control']):.4f}", spread(b["control"], "{:.4f}"), "reported", "n/a", cmd],
         ["(c) training-thread time per snapshot (batch-end hook + the optimizer step's wait for the copy), runs of "
          "(a) and (b)", f"{median(hook) * 1e3:.3f} ms; (a) {median(a['hook']) * 1e3:.3f} ms, (b) "
          f"{median(b['hook']) * 1e3:.3f} ms", spread([x * 1e3 for x in hook], "{:.3f}") + " ms", "< 1 ms",
@@ -286,8 +288,10 @@ def main(argv=None) -> int:
                      "disk with training).")
     if rb > 1.05:
         notes.append(f"**Target missed in (b)**: median slowdown {(rb - 1) * 100:.1f}%; the training thread spends "
-                     f"{median(b['hook']) * 1e3:.3f} ms per snapshot, the copy of 77 MB and the write run on the other "
-                     "core, which training also uses (2 cores, torch intra-op threads).")
+                     f"{median(b['hook']) * 1e3:.3f} ms per snapshot; the copy of 77 MB and the write run off it, on the "
+                     "2 cores training also uses. Two identical runs without the callback differed by "
+                     f"{(median(b['control']) - 1) * 100:+.1f}% in the median (spread {spread(b['control'], '{:.4f}')}) "
+                     "in the same rounds.")
     md = "## 1. Snapshot streaming overhead\n\n" + table(
         ["case", "median", "spread (min–max)", "target", "result", "command"], rows) + "\n" + "\n\n".join(notes)
     write_section("streaming", md)
