@@ -114,18 +114,17 @@ class _Mapping:
         self.addr, self.size = addr, size
         do_madvise(addr, size, mmap.MADV_RANDOM)  # a fault reads its page, not a window
         self.view = memoryview((ctypes.c_char * size).from_address(addr)).cast("B")
-        self.populated = self._populate_if_cached()
+        self._populate_if_cached()
 
-    def _populate_if_cached(self) -> bool:
+    def _populate_if_cached(self) -> None:
         """Map every page now if the whole file is in the page cache (no I/O then), so that a row read later is
-        a copy, not a minor fault on the first touch of its page (about 4 us: slower than a ``preadv``). True
-        when done."""
+        a copy, not a minor fault on the first touch of its page (about 4 us: slower than a ``preadv``). Where
+        the kernel refuses (before Linux 5.14), pages are mapped as they are first read."""
         page = mmap.PAGESIZE
         vec = ctypes.create_string_buffer((self.size + page - 1) // page)
         _, do_madvise, _, do_mincore = _LIBC_MAPPING
-        if do_mincore(self.addr, self.size, vec) != 0 or b"\x00" in vec.raw:
-            return False
-        return do_madvise(self.addr, self.size, _MADV_POPULATE_READ) == 0  # refused before Linux 5.14
+        if do_mincore(self.addr, self.size, vec) == 0 and b"\x00" not in vec.raw:
+            do_madvise(self.addr, self.size, _MADV_POPULATE_READ)
 
     def __len__(self) -> int:
         return self.size
