@@ -14,7 +14,7 @@ from ..snapshots.schedule import Schedule, series_bytes, solve_interval
 from ..units import format_bytes
 from ..validate import one_of, positive_int
 from . import flops as F
-from .budgets import POLICIES, Verdict
+from .budgets import POLICIES, Verdict, decide
 from .checkpoint import checkpoint_bytes
 from .gpus import gpu as lookup_gpu
 from .memory import (TrainSetup, activation_bytes, compiled_unsupported, max_batch_size, max_batch_size_traced,
@@ -131,7 +131,7 @@ class Forecast:
     wandb: dict
     verdicts: dict[str, Verdict]
     save_every_n_steps: int
-    decision: str  # "fits" | "downsampled" | "abort" | "warn"
+    decision: str  # "fits" | "downsampled" | "abort" | "warn" | "unknown" (a budget's projection is not known)
     notes: list[str] = field(default_factory=list)
     model: dict | None = None  # a module with no declared shape: what was found in it (else the shape)
 
@@ -225,6 +225,8 @@ class Measured:
     # in the micro-batch only from 3 on, so its line is anchored there and the run's micro-batch traced as it is
     trace_anchor: tuple[int, dict] | None = None
     mode: str = "eager"  # "eager" | "compiled": what the traced step ran as
+    memory_known: bool = True  # False: the step could not be traced nor estimated (``memory`` is a lower bound)
+    memory_basis: str = ""  # said beside the memory verdict: an estimate, or why the memory is unknown
 
 
 def forecast(inputs: PlanInputs, measured: Measured | None = None, free_disk_bytes: int | None = None) -> Forecast:
@@ -250,7 +252,8 @@ def forecast(inputs: PlanInputs, measured: Measured | None = None, free_disk_byt
     capture = inputs.capture_bytes()
     if traced:
         mem = dict(measured.memory)
-        mem["activations"] = {"total": mem["phases"]["forward_backward"]["activations"]}
+        mem["activations"] = {"total": mem["activations_bytes"]}
+        mem["known"], mem["basis"] = measured.memory_known, measured.memory_basis
         mem["activations_method"] = measured.method
         mem["max_batch_size"] = mem["min_devices"] = None
         mem["limits_known"] = measured.trace is not None
@@ -314,7 +317,8 @@ def forecast(inputs: PlanInputs, measured: Measured | None = None, free_disk_byt
     disk_budget = budgets.disk_bytes if budgets.disk_bytes is not None else free_disk_bytes
     verdicts = {
         "disk": Verdict("disk", storage["total_bytes"], disk_budget),
-        "memory": Verdict("memory", mem["peak_bytes"], budget_memory),
+        "memory": Verdict("memory", mem["peak_bytes"], budget_memory, known=mem.get("known", True),
+                          basis=mem.get("basis", "")),
         "wandb": Verdict("wandb", usage["total_bytes"], budgets.wandb_bytes),
     }
     every, decision = current, "fits"
@@ -338,12 +342,11 @@ def forecast(inputs: PlanInputs, measured: Measured | None = None, free_disk_byt
             storage = _storage(inputs, every, n, n_tensors, entries)
             verdicts["disk"] = Verdict("disk", storage["total_bytes"], disk_budget)
             notes.append(f"save_every_n_steps raised from {current} to {every} so snapshots fit the disk budget")
-    if not verdicts["memory"].fits:
+    if verdicts["memory"].exceeds:
         verdicts["memory"].advice = _memory_advice(mem)
     if not verdicts["wandb"].fits:
         verdicts["wandb"].advice = ["log less often (log_every_n_steps) or upload fewer checkpoints (log_model)"]
-    if not all(v.fits for v in verdicts.values()):
-        decision = "warn" if budgets.on_exceed == "warn" else "abort"
+    decision = decide(verdicts, budgets.on_exceed, decision == "downsampled")
     if traced:
         notes.append(f"activations and FLOPs: {measured.method}")
     if mem["mode"] == "compiled":

@@ -1,8 +1,14 @@
 """Training memory per device, counted from the tensors alive at the peak.
 
-Two moments compete for the peak of a training step (Lightning zeroes grads
-with ``set_to_none=True`` before each accumulation window):
+Three moments compete for the peak of a training step, in the order Lightning
+runs it (its closure calls ``training_step``, then ``zero_grad`` with
+``set_to_none=True``, then backward; the optimizer's update follows):
 
+* ``forward``: the end of the forward, in the loss. Parameters, optimizer state,
+  **the previous step's gradients** (Lightning frees them only after
+  ``training_step`` returns; DeepSpeed's engine frees them in its step), every
+  saved activation, the logits and, while ``cross_entropy`` runs, its fp32 copy
+  (under autocast) and the log-probs.
 * ``forward_backward``: the start of backward. Parameters, optimizer state,
   every saved activation of every layer, the logits and their gradients
   (``cross_entropy`` = log_softmax + nll: three ``B*T*V`` fp32 tensors are
@@ -228,6 +234,34 @@ def activation_bytes(shape: ModelShape, setup: TrainSetup, batch: int | None = N
     return out
 
 
+def forward_activation_bytes(shape: ModelShape, setup: TrainSetup, batch: int | None = None) -> int:
+    """Activations alive at the forward's own peak (in the loss): everything saved for backward, the logits, and
+    while ``cross_entropy`` runs its fp32 copy of the logits (under autocast) and the log-probs. A compiled step
+    (:func:`compiled_activation_bytes`): what it saves, then its loss kernels' output."""
+    B = setup.micro_batch_size if batch is None else batch
+    BT, V, prec = B * setup.seq(shape), shape.vocab_size, setup.prec
+    if setup.compile:
+        return compiled_activation_bytes(shape, setup, batch)["at_forward_end"]
+    acts = activation_bytes(shape, setup, batch)
+    loss_bytes = FP32 if prec.autocast or prec.param_bytes == FP32 else prec.compute_bytes
+    logits = prec.compute_bytes * BT * V + (FP32 * BT * V if prec.autocast else 0) + loss_bytes * BT * V
+    return acts["layers"] + acts["head"] + logits
+
+
+def structure_shape(found: dict, seq_len: int) -> ModelShape | None:
+    """A transformer shape for a module whose step could not be traced, from what was found in it: its stack of
+    identical blocks (``layers``, ``layer_params``), W's width and vocabulary. Chosen to err high: the MLP is
+    taken as gated (its saved activations are the larger for the same parameters), attention as 4 D x D.
+    None when no stack of blocks was found (the memory is then unknown)."""
+    L, per, D, V = (found.get(k) for k in ("layers", "layer_params", "hidden_dim", "vocab_size"))
+    if not (L and per and D and V):
+        return None
+    d_mlp = max(D, (per - 4 * D * D) // (3 * D))
+    return ModelShape(vocab_size=V, d_model=D, n_layer=L, n_head=1, d_mlp=d_mlp, n_ctx=max(1, seq_len),
+                      mlp="gated", learned_pos=False, tied=bool(found.get("tied")),
+                      name=str(found.get("name", "custom")))
+
+
 def _model_state(shape: ModelShape, setup: TrainSetup, n_params: int) -> dict[str, int]:
     """Bytes per device of parameters, gradients, optimizer state and optimizer temporaries."""
     prec, W, strategy = setup.prec, setup.world_size, setup.strategy
@@ -294,6 +328,13 @@ def memory_phases(shape: ModelShape, setup: TrainSetup, n_params: int | None = N
     extras = _extras(shape, setup, n)
     if activations_total is not None or setup.compile:  # a traced or compiled figure holds the autocast copies
         extras.pop("autocast_weight_copies", None)
+    forward = {  # Lightning zeroes the gradients after training_step: the previous step's are alive
+        "params": state["params"],
+        "gradients": 0 if setup.strategy.startswith("deepspeed") else state["gradients"],
+        "optimizer": state["optimizer"],
+        "activations": acts if activations_total is not None else forward_activation_bytes(shape, setup, batch),
+        "other": sum(extras.values()),
+    }
     fb = {
         "params": state["params"],
         "gradients": state["gradients"] if setup.grad_accum > 1 else 0,
@@ -308,13 +349,15 @@ def memory_phases(shape: ModelShape, setup: TrainSetup, n_params: int | None = N
         "activations": 0,
         "other": extras.get("ddp_gradient_buckets", 0),
     }
-    return _phases(fb, step, state["optimizer"], capture_bytes)
+    return _phases({"forward": forward, "forward_backward": fb}, step, state["optimizer"], capture_bytes)
 
 
-def _phases(fb: dict[str, int], step: dict[str, int], optimizer_state: int, capture_bytes: int) -> dict:
-    """The phases with their totals; the snapshot phase (after the optimizer step, its temporaries freed:
-    model state + what the capture allocates) only when a snapshot allocates on the device."""
-    phases = {"forward_backward": fb, "optimizer_step": step}
+def _phases(passes: dict[str, dict[str, int]], step: dict[str, int], optimizer_state: int,
+            capture_bytes: int) -> dict:
+    """The phases with their totals: the forward and backward ones (``passes``), the optimizer step, and the
+    snapshot phase (after the optimizer step, its temporaries freed: model state + what the capture allocates)
+    only when a snapshot allocates on the device."""
+    phases = {**passes, "optimizer_step": step}
     if capture_bytes:
         phases["snapshot_capture"] = {"params": step["params"], "gradients": step["gradients"],
                                       "optimizer": optimizer_state, "activations": 0,
@@ -391,12 +434,19 @@ def min_devices(shape: ModelShape, setup: TrainSetup, budget_bytes: int, n_param
     return _fewest(fits, setup.strategy, limit)
 
 
+# trace phase -> memory phase: the forward (the previous step's gradients alive), the start of backward, and
+# with accumulation a later micro-batch's forward and backward (the gradients alive in both)
+_TRACE_PASSES = {"forward": "forward", "backward": "forward_backward", "accumulate_forward": "accumulate_forward",
+                 "accumulate_backward": "accumulate_backward"}
+
+
 def peak_memory_from_trace(trace: dict, setup: TrainSetup, capture_bytes: int = 0) -> dict:
     """The :func:`peak_memory` result for a module whose step was traced with fake tensors.
 
     ``trace`` is :func:`budget_callback.lightning.tracing.trace_training_step_memory`'s
-    result (one device, tensors as the step creates them). DDP adds its gradient
-    buckets; sharded strategies divide the model state by the world size.
+    result (one device, tensors as the step creates them, in Lightning's step order). DDP adds its gradient
+    buckets; sharded strategies divide the model state and the gradients alive by the world size; DeepSpeed's
+    engine frees the gradients in its step, so none are alive in the next forward.
     """
     W = setup.world_size
     shard = W if setup.strategy != "ddp" else 1
@@ -405,12 +455,17 @@ def peak_memory_from_trace(trace: dict, setup: TrainSetup, capture_bytes: int = 
     opt = trace["optimizer_state_bytes"] // shard
     buckets = trace["gradients_bytes"] if setup.strategy == "ddp" and W > 1 else 0
     persistent = trace["params_bytes"] + trace["buffers_bytes"] + trace["optimizer_state_bytes"]
-    acts = max(trace["forward_peak_bytes"], trace["backward_peak_bytes"]) - persistent
-    fb = {"params": params, "gradients": grads if setup.grad_accum > 1 else 0, "optimizer": opt,
-          "activations": acts, "other": buckets}
+    passes = {}
+    for key, name in _TRACE_PASSES.items():
+        if f"{key}_peak_bytes" not in trace or (key == "backward" and not trace[f"{key}_peak_bytes"]):
+            continue
+        alive = trace.get(f"{key}_gradients_bytes", 0)
+        kept = 0 if (key == "forward" and setup.strategy.startswith("deepspeed")) else alive // shard
+        passes[name] = {"params": params, "gradients": kept, "optimizer": opt,
+                        "activations": trace[f"{key}_peak_bytes"] - persistent - alive, "other": buckets}
     step_temporaries = max(0, trace["optimizer_peak_bytes"] - persistent - trace["gradients_bytes"]) // shard
     step = {"params": params, "gradients": grads, "optimizer": opt + step_temporaries, "activations": 0, "other": buckets}
-    return _at_peak(_phases(fb, step, opt, capture_bytes))
+    return _at_peak(_phases(passes, step, opt, capture_bytes))
 
 
 def trace_at_batch(trace: dict, per_sample: dict[str, int], batch_from: int, batch: int) -> dict:

@@ -352,10 +352,12 @@ def strategy_label(trainer: pl.Trainer) -> str:
 def describe_module(module: nn.Module, layout) -> dict:
     """What a module that declares no shape is made of, as far as can be told without its code."""
     counts = module_params(module)
-    layers = max((len(m) for m in module.modules() if isinstance(m, nn.ModuleList) and len(m)
-                  and len({type(c) for c in m}) == 1), default=None)
+    stacks = [m for m in module.modules() if isinstance(m, nn.ModuleList) and len(m) and len({type(c) for c in m}) == 1]
+    stack = max(stacks, key=len, default=None)
+    layer_params = sum(p.numel() for p in stack[0].parameters()) if stack is not None else None
     return {"name": type(module).__name__, "declared": False, "parameters": counts["total"],
-            "tensors": counts["tensors"], "layers": layers, "tied": layout.tied, "vocab_size": layout.vocab_size,
+            "tensors": counts["tensors"], "layers": len(stack) if stack is not None else None,
+            "layer_params": layer_params, "tied": layout.tied, "vocab_size": layout.vocab_size,
             "hidden_dim": layout.hidden_dim}
 
 

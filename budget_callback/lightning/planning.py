@@ -14,7 +14,8 @@ import torch
 from ..forecast.console import REPORT_CHARS
 from ..forecast.engine import Budgets, Forecast, Measured, PlanInputs, SnapshotSpec, forecast
 from ..forecast.report import REPORT_TITLE, render
-from ..forecast.memory import peak_memory_from_trace
+from ..forecast.flops import train_flops_per_step
+from ..forecast.memory import peak_memory, peak_memory_from_trace, structure_shape
 from ..forecast.precision import optimizer_states_per_param
 from ..forecast.shapes import ModelShape
 from ..forecast.wandb_usage import CALLBACK_METRICS, CALLBACK_METRICS_ACCELERATOR
@@ -22,8 +23,10 @@ from ..snapshots.format import SnapshotLayout
 from . import inputs as R
 from .config import BudgetConfig
 from .locate import MatrixSource
-from .tracing import resize_batch, trace_training_step_memory
-from .tracing_compiled import find_compiled_regions, trace_compiled_training_step_memory
+from .step_order import StepOrder
+from .torch_internals import compiled_trace_unsupported, storage_key
+from .tracing import TraceNotHermetic, resize_batch, trace_steps
+from .tracing_compiled import find_compiled_regions, trace_compiled_steps
 
 
 @dataclass(frozen=True)
@@ -84,24 +87,31 @@ def plan_fit(trainer: pl.Trainer, module: pl.LightningModule, config: BudgetConf
         resume=resume, capture_device_bytes=facts.capture_device_bytes, strategy_name=R.strategy_label(trainer),
     )
     n_params, n_tensors = R.module_counts(module)
-    regions = compiled_regions(module)
-    traced, found = _Traced(), None
+    regions, unreadable = compiled_regions(module)
+    traced, found, notes = _Traced(), None, []
+    why_eager = compiled_trace_unsupported() if regions else None
+    if why_eager:  # said in the report: the compiled run is forecast as eager, the higher figure
+        notes.append(f"compiled run forecast as eager ({_compiled_note(regions)[len('forecast as compiled '):]}): "
+                     f"{why_eager}")
+        regions = []
+    if unreadable:
+        notes.append(f"compiled regions could not be read ({unreadable}): forecast as eager, which is higher")
     if declared is None or regions:  # a declared shape's analytic forecast is eager: a compiled one is traced
         traced = _trace(trainer, module, batch, setup, on_accelerator, facts.capture_device_bytes,
-                        _own_parameters(module, sources), regions, eager=declared is None)
+                        _own_parameters(module, sources), regions, eager=declared is None, layout=layout)
         if declared is None:
             found = R.describe_module(module, layout)
         if traced.trace is not None and found is not None:
             found["written_in_step"] = traced.trace["written_in_step"]
     measured = Measured(n_params, n_tensors, R.state_dict_entries(module), traced.memory,
                         traced.flops if declared is None else None, traced.method, traced.trace, traced.per_sample,
-                        found, traced.anchor, traced.mode)
+                        found, traced.anchor, traced.mode, traced.known, traced.basis)
     result = forecast(inputs, measured, free_disk_bytes=free_disk_bytes)
     if config.verbose:  # the report W&B will capture is this forecast's own: count its real length
         exact = replace(console, report_chars=len(REPORT_TITLE) + 1 + len(render(result)))
         inputs = replace(inputs, logging=replace(inputs.logging, console=exact))
         result = forecast(inputs, measured, free_disk_bytes=free_disk_bytes)
-    result.notes.extend(traced.notes)
+    result.notes.extend(notes + traced.notes)
     if R.precision_note(trainer):
         result.notes.append(R.precision_note(trainer))
     if resume is not None:
@@ -118,20 +128,21 @@ def _own_parameters(module: torch.nn.Module, sources: dict[str, MatrixSource] | 
     found: dict[str, torch.Tensor] = {}
     for name, source in (sources or {}).items():
         try:
-            storage = source.get().untyped_storage()._cdata
-            found.update({name: p for p in module.parameters() if p.untyped_storage()._cdata == storage})
+            storage = storage_key(source.get())
+            found.update({name: p for p in module.parameters() if storage_key(p) == storage})
         except (RuntimeError, NotImplementedError, AttributeError):  # a tensor subclass without one storage
             continue
     return found
 
 
-def compiled_regions(module: torch.nn.Module) -> list:
+def compiled_regions(module: torch.nn.Module) -> tuple[list, str | None]:
     """The compiled regions of the module Lightning trains (``trainer.fit(torch.compile(model))`` leaves
-    ``torch.compile``d step methods on it, see Lightning's ``from_compiled``); [] when none can be read."""
+    ``torch.compile``d step methods on it, see Lightning's ``from_compiled``), and why they cannot be read (None:
+    they could; a module whose regions cannot be read is forecast as eager, the higher figure, and says so)."""
     try:
-        return find_compiled_regions(module)
-    except Exception:  # noqa: BLE001 - an unreadable wrapper: forecast as eager (the higher figure)
-        return []
+        return find_compiled_regions(module), None
+    except Exception as err:  # noqa: BLE001 - an unreadable wrapper: forecast as eager, and say why
+        return [], f"{type(err).__name__}: {str(err)[:160]}"
 
 
 @dataclass
@@ -146,66 +157,94 @@ class _Traced:
     anchor: tuple[int, dict] | None = None  # (micro-batch, trace) the slope starts from, when not the run's
     mode: str = "eager"
     notes: list[str] = field(default_factory=list)
+    known: bool = True  # False: neither traced nor estimated; ``memory`` holds the model states only
+    basis: str = ""  # beside the memory verdict: an estimate, or why it is unknown
 
 
-EAGER_METHOD = "traced training step (fake tensors, cpu fake device)"
+EAGER_METHOD = "traced training step (fake tensors, cpu fake device, Lightning's step order)"
 COMPILED_METHOD = "traced compiled training step (inductor partition, fake tensors, cpu fake device)"
 
 
 def _trace(trainer, module, batch, setup, on_accelerator: bool, capture: int, watch: dict | None = None,
-           regions: list | None = None, eager: bool = True) -> _Traced:
-    """Trace one training step with fake tensors on the CPU fake device, at the run's micro-batch and at
-    another one: the difference is the per-sample slope (largest micro-batch that fits, fewest devices).
+           regions: list | None = None, eager: bool = True, layout: SnapshotLayout | None = None) -> _Traced:
+    """Trace one training step with fake tensors on the CPU fake device, in Lightning's step order
+    (:class:`.step_order.StepOrder`), at the run's micro-batch and at another one: the difference is the
+    per-sample slope (largest micro-batch that fits, fewest devices).
 
     A compiled module (``regions``) is traced compiled (:mod:`.tracing_compiled`). Its peak is affine in the
     micro-batch only from 3 on (the partitioner saves other tensors below), so the slope comes from two traces
     at 3 or more (the run's B and B + 4, or 4 and 8) and the run's own B is traced as it is. A compiled step
     that cannot be traced is traced eagerly (``eager=False``: left to the analytic forecast, which is eager),
-    which forecasts more memory, and the notes say so."""
+    which forecasts more memory, and the notes say so.
+
+    A step that cannot be traced at all is estimated from the structure found in the module (its blocks, widths
+    and vocabulary: :func:`..forecast.memory.structure_shape`), and only when there is none is its memory
+    ``unknown``: never a forecast of model states alone that says "fits"."""
     autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(setup.precision)
     overrides = {"foreach": True} if on_accelerator and setup.optimizer_impl == "foreach" else None
-    manual = not module.automatic_optimization
-    optimizers = list(trainer.optimizers) if manual else (trainer.optimizers[:1] or None)
+    order = StepOrder.of_lightning(trainer, module)
+    optimizers = list(trainer.optimizers) if order.manual else (trainer.optimizers[:1] or None)
 
-    def trace(b, compiled: bool):
-        tracer = trace_compiled_training_step_memory if compiled else trace_training_step_memory
+    def trace(batches: list, compiled: bool) -> list[dict]:
+        tracer = trace_compiled_steps if compiled else trace_steps
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return tracer(module, b, lambda m, x: m.training_step(x, 0), optimizer_cls=torch.optim.SGD,
+            return tracer(module, batches, lambda m, x: m.training_step(x, 0), optimizer_cls=torch.optim.SGD,
                           optimizer_kwargs={"lr": 0.0}, optimizer=optimizers, optimizer_overrides=overrides,
-                          autocast_dtype=autocast, skip=(trainer,), manual=manual, watch=watch)
+                          autocast_dtype=autocast, order=order, watch=watch)
     B = setup.micro_batch_size
     notes = []
     if regions:
         try:
-            first = trace(batch, True)
             at = (B, B + 4) if B >= 3 else (4, 8)
-            line = {b: first if b == B else trace(resize_batch(batch, B, b), True) for b in at}
-            per_sample = {k: (v - line[at[0]][k]) // (at[1] - at[0]) for k, v in line[at[1]].items()
+            sizes = [B] + [b for b in at if b != B]
+            traces = dict(zip(sizes, trace([batch if b == B else resize_batch(batch, B, b) for b in sizes], True)))
+            first = traces[B]
+            per_sample = {k: (v - traces[at[0]][k]) // (at[1] - at[0]) for k, v in traces[at[1]].items()
                           if isinstance(v, int)}
-            traced = _Traced(peak_memory_from_trace(first, setup, capture), first["train_flops"] // max(1, B),
-                             COMPILED_METHOD, first, per_sample, None if at[0] == B else (at[0], line[at[0]]),
-                             "compiled", [_compiled_note(regions)])
-            return traced
+            return _Traced(peak_memory_from_trace(first, setup, capture), first["train_flops"] // max(1, B),
+                           COMPILED_METHOD, first, per_sample, None if at[0] == B else (at[0], traces[at[0]]),
+                           "compiled", [_compiled_note(regions)])
         except Exception as err:  # noqa: BLE001 - said in the report; the eager trace is the safe side
-            notes.append(f"compiled step could not be traced ({type(err).__name__}: {str(err)[:160]}): "
+            notes.append(f"compiled step could not be traced ({type(err).__name__}: {str(err)[:200]}): "
                          "forecast as eager, which is higher")
     if not eager:
         return _Traced(notes=notes)
-    try:
-        first = trace(batch, False)
-    except Exception as err:  # noqa: BLE001 - tracing is best effort; say so in the report
-        note = f"not traced ({type(err).__name__}: {str(err)[:120]}); activations not counted"
-        return _Traced(peak_memory_from_trace(_model_state_only(module, setup), setup, capture), method=note,
-                       notes=notes)
     other = 1 if B > 1 else 2
     try:
-        second = trace(resize_batch(batch, B, other), False)
+        first, second = trace([batch, resize_batch(batch, B, other)], False)
         per_sample = {k: (v - second[k]) // (B - other) for k, v in first.items() if isinstance(v, int)}
-    except Exception:  # noqa: BLE001 - the step depends on the batch size: no slope, say so by its absence
-        per_sample = None
+    except Exception as err:  # noqa: BLE001 - said where the user looks: the verdict, a warning, the report
+        try:  # the step may depend on the batch size: the run's own micro-batch alone, with no slope
+            first, per_sample = trace([batch], False)[0], None
+        except Exception:  # noqa: BLE001
+            return _untraced(module, setup, capture, layout, err, notes)
+    if first.get("values_answered"):
+        notes.append(f"{first['values_answered']} data-dependent question(s) answered from values known "
+                     "without the data (masks built from shapes)")
     return _Traced(peak_memory_from_trace(first, setup, capture), first["train_flops"] // max(1, B), EAGER_METHOD,
                    first, per_sample, notes=notes)
+
+
+def _untraced(module, setup, capture: int, layout: SnapshotLayout | None, err: Exception, notes: list[str]) -> _Traced:
+    """The step could not be traced: estimated from the structure found in the module, or unknown."""
+    why = f"{type(err).__name__}: {str(err)[:200]}"
+    if isinstance(err, TraceNotHermetic):
+        why = f"trace discarded, it reached something real ({str(err)[:200]})"
+    found = R.describe_module(module, layout) if layout is not None else {}
+    shape = structure_shape(found, setup.seq_len or 1) if found else None
+    if shape is not None:
+        n_params, _ = R.module_counts(module)
+        memory = peak_memory(shape, setup, n_params, capture_bytes=capture)
+        basis = (f"estimated, not traced ({why}): {shape.n_layer} blocks of width {shape.d_model} found, "
+                 f"forecast as a transformer with a gated MLP of {shape.mlp_hidden} and fused attention")
+        flops = train_flops_per_step(shape, setup.seq(shape), 1)["total"]
+        return _Traced(memory, flops, "estimated from the structure found (not traced)", notes=notes + [basis],
+                       basis="estimated: the step could not be traced")
+    basis = f"the step could not be traced ({why}) and no transformer blocks were found to estimate it from"
+    return _Traced(peak_memory_from_trace(_model_state_only(module, setup), setup, capture),
+                   method=f"not traced ({why}); activations unknown", notes=notes + [basis], known=False,
+                   basis=basis)
 
 
 def _compiled_note(regions: list) -> str:

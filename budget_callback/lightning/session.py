@@ -152,8 +152,11 @@ class FitSession:
         if result.decision == "abort":
             raise BudgetExceededError("budget-callback: the run does not fit its budget, nothing was written. "
                                       + " | ".join(failed))
-        if result.decision == "warn":
+        if result.decision in ("warn", "unknown"):
             warnings.warn("budget-callback: " + " | ".join(failed), stacklevel=2)
+        for verdict in result.verdicts.values():  # an estimate is said where the user looks, too
+            if verdict.known and verdict.basis and verdict.checked:
+                warnings.warn(f"budget-callback: {verdict.line()}", stacklevel=2)
         state = decide_on_rank_zero(strategy, lambda: self._open(trainer, plan, result, layout, stride))
         self.schedule = self.series.schedule if self.series else Schedule.from_state(layout, state)
         writers = R.weight_writers(trainer, module)

@@ -1,52 +1,62 @@
 """Estimate the peak memory of one training step by tracing it with fake tensors.
 
-The step (forward, loss, backward, optimizer step) runs on a *fake* copy of the
-module under :class:`~torch._subclasses.fake_tensor.FakeTensorMode`: every op
-computes only shapes, dtypes and strides, so no parameter, activation or
-optimizer state is ever allocated. A small :class:`TorchDispatchMode` watches
-the storages that the ops create and free (through weak references, the same
-way ``torch.distributed._tools.mem_tracker.MemTracker`` does) and records the
-largest number of live bytes.
+The step runs on the user's own module with every tensor it holds swapped for a *fake* one
+(:class:`.fake_module.FakeModule`: nothing copied, everything put back and checked afterwards) under
+:class:`~torch._subclasses.fake_tensor.FakeTensorMode`: every op computes only shapes, dtypes and strides, so no
+parameter, activation or optimizer state is ever allocated. A small :class:`TorchDispatchMode` watches the
+storages that the ops create and free (through weak references, the way
+``torch.distributed._tools.mem_tracker.MemTracker`` does) and records the largest number of live bytes.
 
-The result is *tensor* memory, as a caching allocator would be asked for it; it
-does not include the CUDA context, allocator rounding/fragmentation, cuBLAS or
-NCCL workspaces.
+The step is run the way Lightning runs it (:mod:`.step_order`): a first step creates the optimizer state and
+leaves the gradients alive as a real step does, then the measured step runs ``training_step`` with them alive,
+``zero_grad``, backward and the optimizer's update. Questions about values that are known without the data
+(a causal mask built from shapes) are answered (:mod:`.known_values`).
+
+The result is *tensor* memory, as a caching allocator would be asked for it; it does not include the CUDA
+context, allocator rounding/fragmentation, cuBLAS or NCCL workspaces.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import inspect
-import types
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
 from torch.utils._pytree import tree_leaves, tree_map_only
+from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["rebuild_optimizer", "resize_batch", "trace_training_step_memory"]
+from .fake_module import FakeModule, TraceNotHermetic, fake_like
+from .known_values import KnownValues
+from .step_order import StepOrder, loss_tensor, run_step
+from .torch_internals import FakeTensor, FakeTensorMode, is_data_dependent_error, new_shape_env, storage_key
 
-_PHASES = ("forward", "backward", "optimizer")
+__all__ = ["StepOrder", "TraceNotHermetic", "rebuild_optimizer", "resize_batch", "trace_steps",
+           "trace_training_step_memory"]
+
+_PHASES = ("forward", "backward", "accumulate_forward", "accumulate_backward", "optimizer")
 
 
 class _LiveStorageTracker(TorchDispatchMode):
-    """Count the bytes of live tensor storages and remember the peak.
+    """Count the bytes of live tensor storages and remember the peak, per phase.
 
     Storages created by dispatched ops are tracked automatically; tensors that
-    already exist (parameters, batch, optimizer state) are registered with
+    already exist (parameters, buffers, batch, optimizer state) are registered with
     :meth:`track`. A storage stops counting when its Python object is
     finalised, which for storages means the memory itself is released.
+
+    ``guard``: refuse, before it runs, any op that would write a tensor that is not fake (a real tensor of the
+    run reached the trace): :class:`TraceNotHermetic`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, guard: bool = False) -> None:
         super().__init__()
+        self.guard = guard
         self.watched: dict[int, str] = {}  # storage -> name: in-place writes outside an optimizer step are noted
         self.written: set[str] = set()
         self.in_optimizer = 0
@@ -56,7 +66,8 @@ class _LiveStorageTracker(TorchDispatchMode):
         self.phase = "setup"
         self.peak_phase = "setup"
         self.phase_peak_bytes: dict[str, int] = {}
-        self.phase_start_bytes: dict[str, int] = {}  # live bytes when each phase began
+        self.phase_start_bytes: dict[str, int] = {}
+        self.phase_gradient_bytes: dict[str, int] = {}
 
     def track(self, tensors: Any) -> None:
         """Start counting the storages of every tensor in the pytree ``tensors``."""
@@ -64,11 +75,12 @@ class _LiveStorageTracker(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self._add(t.untyped_storage())
 
-    def set_phase(self, phase: str) -> None:
-        """Label subsequent allocations (``forward``, ``backward``, ...)."""
+    def set_phase(self, phase: str, gradient_bytes: int = 0) -> None:
+        """Label subsequent allocations (``forward``, ``backward``, ...); ``gradient_bytes`` are alive as it starts."""
         self.phase = phase
         self.phase_peak_bytes[phase] = self.current_bytes
         self.phase_start_bytes[phase] = self.current_bytes
+        self.phase_gradient_bytes[phase] = gradient_bytes
 
     def reset_peak(self) -> None:
         """Forget the peak so far; the next peak starts from the current bytes."""
@@ -76,6 +88,7 @@ class _LiveStorageTracker(TorchDispatchMode):
         self.peak_phase = self.phase
         self.phase_peak_bytes = {}
         self.phase_start_bytes = {}
+        self.phase_gradient_bytes = {}
 
     def _add(self, storage: torch.UntypedStorage) -> None:
         key = id(storage)
@@ -95,20 +108,25 @@ class _LiveStorageTracker(TorchDispatchMode):
         self.current_bytes -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        if self.watched and not self.in_optimizer and func._schema.is_mutable:
-            self._note_writes(func, args, kwargs or {})
+        if func._schema.is_mutable and (self.guard or (self.watched and not self.in_optimizer)):
+            self._check_writes(func, args, kwargs or {})
         out = func(*args, **(kwargs or {}))
         self.track(out)
         return out
 
-    def _note_writes(self, func, args, kwargs) -> None:  # noqa: ANN001
+    def _check_writes(self, func, args, kwargs) -> None:  # noqa: ANN001
         for i, arg in enumerate(func._schema.arguments):
             if arg.alias_info is None or not arg.alias_info.is_write:
                 continue
             value = args[i] if i < len(args) else kwargs.get(arg.name)
             for t in tree_leaves(value):
-                if isinstance(t, torch.Tensor):
-                    name = self.watched.get(t.untyped_storage()._cdata)
+                if not isinstance(t, torch.Tensor):
+                    continue
+                if self.guard and not isinstance(t, FakeTensor) and t.device.type != "meta":
+                    raise TraceNotHermetic(f"the traced step would write a real tensor ({func}, shape "
+                                           f"{tuple(t.shape)}): something outside the module's own tensors")
+                if self.watched and not self.in_optimizer:
+                    name = self.watched.get(storage_key(t))
                     if name is not None:
                         self.written.add(name)
 
@@ -121,90 +139,6 @@ def _storage_bytes(tensors: Any) -> int:
             st = t.untyped_storage()
             seen[id(st)] = st.nbytes()
     return sum(seen.values())
-
-
-def _fake_like(fake_mode: FakeTensorMode, t: torch.Tensor) -> torch.Tensor:
-    """A fake CPU tensor with the size, stride and dtype of ``t`` (any device)."""
-    with fake_mode:
-        out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device="cpu")
-    return out.requires_grad_(t.requires_grad)
-
-
-def _fake_module(module: nn.Module, fake_mode: FakeTensorMode, skip: tuple = ()) -> tuple[nn.Module, dict]:
-    """Deep-copy ``module`` with every parameter, buffer and tensor attribute made fake, to run eagerly.
-
-    Works for modules on any device, ``meta`` included. Returns the copy and the
-    memo (``id(real tensor) -> fake tensor``, see :func:`_fake_memo`).
-    """
-    memo = _fake_memo(module, fake_mode, skip)
-    with fake_mode:
-        fake = copy.deepcopy(module, memo)
-    return _run_eagerly_on_itself(fake, memo), memo
-
-
-def _fake_memo(module: nn.Module, fake_mode: FakeTensorMode, skip: tuple = ()) -> dict[int, Any]:
-    """A deepcopy memo pre-filled with a fake counterpart of every tensor ``module`` holds.
-
-    No real tensor is then copied (``Tensor.__deepcopy__`` would copy real storages)
-    and tied weights stay tied; the objects in ``skip`` become None in the copy.
-    """
-    memo: dict[int, Any] = {id(obj): None for obj in skip}  # left out of the copy (e.g. the Trainer)
-    for p in module.parameters():
-        if id(p) not in memo:
-            memo[id(p)] = nn.Parameter(_fake_like(fake_mode, p.detach()), requires_grad=p.requires_grad)
-    for b in module.buffers():
-        if id(b) not in memo:
-            memo[id(b)] = _fake_like(fake_mode, b)
-    for mod in module.modules():
-        for name, value in vars(mod).items():
-            if name in ("_parameters", "_buffers", "_modules"):
-                continue
-            for t in tree_leaves(value):
-                if isinstance(t, torch.Tensor) and id(t) not in memo:
-                    memo[id(t)] = _fake_like(fake_mode, t)
-    return memo
-
-
-_STEP_METHODS = ("forward", "training_step", "validation_step", "test_step", "predict_step")
-
-
-def _run_eagerly_on_itself(fake: nn.Module, memo: dict[int, Any]) -> nn.Module:
-    """Make the copy run eagerly, on its own tensors.
-
-    A compiled module keeps wrappers that refer to the *original* module: Lightning's
-    ``from_compiled`` (``trainer.fit(torch.compile(model))``) puts dynamo-wrapped step methods
-    on the instance, ``torch.compile(submodule)`` wraps the original submodule's ``__call__``,
-    ``nn.Module.compile()`` keeps a compiled ``_call_impl``, and any bound method stored on an
-    instance is bound to the original. Left alone, the trace would run the real module, and
-    under dynamo. Here every wrapper is dropped and every bound method rebound to the copy.
-    """
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    if isinstance(fake, OptimizedModule):
-        fake = fake._orig_mod
-    for parent in list(fake.modules()):
-        for name, child in list(parent._modules.items()):
-            if isinstance(child, OptimizedModule):
-                parent._modules[name] = child._orig_mod
-    for mod in fake.modules():
-        if getattr(mod, "_compiler_ctx", None):
-            for name in _STEP_METHODS:
-                mod.__dict__.pop(name, None)
-            mod._compiler_ctx = None
-        if getattr(mod, "_compiled_call_impl", None) is not None:
-            mod._compiled_call_impl = None
-        for name, value in list(vars(mod).items()):
-            if inspect.ismethod(value) and id(value.__self__) in memo:
-                setattr(mod, name, types.MethodType(value.__func__, memo[id(value.__self__)]))
-    return _quiet_logging(fake)
-
-
-def _quiet_logging(fake: nn.Module) -> nn.Module:
-    """A LightningModule's ``log``/``log_dict`` do nothing in the copy (no memory to speak of; no Trainer)."""
-    for mod in fake.modules():
-        if callable(getattr(mod, "log_dict", None)):
-            mod.log = mod.log_dict = lambda *args, **kwargs: None
-    return fake
 
 
 def rebuild_optimizer(optimizer: torch.optim.Optimizer, mapping: dict[int, Any],
@@ -240,188 +174,6 @@ def rebuild_optimizer(optimizer: torch.optim.Optimizer, mapping: dict[int, Any],
     return rebuilt
 
 
-def _loss_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, dict):
-        out = out["loss"]
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"`loss_fn` must return a tensor or a dict with a 'loss' tensor, got {type(out).__name__}.")
-    return out
-
-
-def trace_training_step_memory(*args, **kwargs) -> dict[str, Any]:
-    """:func:`_trace` (its docstring says everything); a step that reads a value out of a tensor
-    (``loss.item()`` for a print or a log: fake tensors have no values) is traced again with a shape
-    environment, in which such a value is a symbol that can be carried but not branched on."""
-    return _retrying_value_reads(_trace, *args, **kwargs)
-
-
-def _retrying_value_reads(trace: Callable[..., dict], *args, **kwargs) -> dict[str, Any]:
-    """``trace(*args, **kwargs)``, again with a shape environment if the step read a value out of a tensor."""
-    try:
-        return trace(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001
-        if not _reads_a_value(exc):
-            raise
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-    return trace(*args, shape_env=ShapeEnv(), **kwargs)
-
-
-def _reads_a_value(exc: BaseException | None) -> bool:
-    """Did ``exc`` (or what caused it) come from reading a value out of a fake tensor?"""
-    from torch._subclasses.fake_tensor import DataDependentOutputException
-
-    while exc is not None:
-        if isinstance(exc, DataDependentOutputException):
-            return True
-        exc = exc.__cause__
-    return False
-
-
-def _trace(
-    module: nn.Module,
-    batch: Any,
-    loss_fn: Callable[[nn.Module, Any], Any],
-    optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
-    optimizer_kwargs: dict[str, Any] | None = None,
-    optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer] | None = None,
-    optimizer_overrides: dict[str, Any] | None = None,
-    manual: bool = False,
-    autocast_dtype: torch.dtype | None = None,
-    skip: tuple = (),
-    shape_env=None,
-    watch: dict[str, torch.Tensor] | None = None,
-) -> dict[str, Any]:
-    """Estimate the peak tensor memory of one steady-state training step, allocating nothing.
-
-    A fake copy of ``module`` is built on the CPU fake device (the real module is
-    never touched). The optimizer's state is first created with one fake step on
-    zero gradients, so the traced step is a step-2-onwards step: parameters,
-    optimizer state, ``loss_fn(module, batch)`` under optional CPU autocast,
-    ``backward()`` into ``None`` gradients, ``optimizer.step()``.
-
-    Args:
-        module: the model; its tensors may live on any device, including ``meta``.
-        batch: a pytree of tensors (any device, ``meta`` included) passed to ``loss_fn``.
-        loss_fn: ``loss_fn(module, batch)`` returning a scalar loss tensor, or a
-            dict with a ``"loss"`` tensor (e.g. ``lambda m, b: m.training_step(b, 0)``
-            for a LightningModule that does not call ``self.log``).
-        optimizer_cls: optimizer class, constructed as ``optimizer_cls(params, **optimizer_kwargs)``.
-        optimizer_kwargs: keyword arguments for the optimizer. Pass ``foreach=True`` to model
-            the default multi-tensor path of optimizers on CUDA (its temporaries are larger).
-        optimizer: the run's own optimizer, rebuilt on the fake parameters with every param group's
-            hyperparameters (:func:`rebuild_optimizer`); replaces ``optimizer_cls`` and ``optimizer_kwargs``.
-        optimizer_overrides: group settings to change in the rebuilt one (e.g. ``{"foreach": True}``).
-            A list of optimizers (manual optimization) is rebuilt one by one.
-        manual: ``loss_fn`` runs the whole step itself, Lightning's manual optimization: the module's
-            ``optimizers()`` give the rebuilt optimizers and ``manual_backward(loss)`` is ``loss.backward()``;
-            the peak of the whole step is the forward phase's.
-        autocast_dtype: if given (``torch.bfloat16`` or ``torch.float16``), run forward and loss
-            under ``torch.autocast("cpu", dtype=autocast_dtype)``.
-        skip: objects the module refers to that the copy must not hold (a Trainer): they become None.
-        watch: ``{name: tensor}`` of the module's own tensors (W, E): ``written_in_step`` lists those the
-            step writes in place outside an optimizer's ``step`` (``.data`` writes included).
-
-    Returns:
-        A dict of integer byte counts whose parts sum to ``peak_bytes``:
-        ``params_bytes``, ``buffers_bytes``, ``gradients_bytes`` (all gradients of trainable
-        parameters), ``optimizer_state_bytes`` (persistent state), ``batch_bytes``,
-        ``activations_bytes`` (the rest of the peak: saved activations, activation
-        gradients and temporaries, optimizer-step temporaries included), ``peak_bytes``.
-        ``train_flops`` counts forward + backward FLOPs (``torch.utils.flop_counter``).
-        Also ``forward_peak_bytes``, ``backward_peak_bytes``, ``optimizer_peak_bytes``
-        (the peak within each phase, not additive) and ``peak_phase`` (a string, the
-        phase in which the overall peak occurs). ``written_in_step``: see ``watch``.
-    """
-    if autocast_dtype not in (None, torch.bfloat16, torch.float16):
-        raise ValueError(f"`autocast_dtype` can be None, torch.bfloat16 or torch.float16, got {autocast_dtype}.")
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=shape_env)
-    fmodule, memo = _fake_module(module, fake_mode, skip)
-    fbatch = tree_map_only(torch.Tensor, functools.partial(_fake_like, fake_mode), batch)
-    params = [p for p in fmodule.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("`module` has no parameters with `requires_grad=True`; there is nothing to train.")
-
-    with torch.compiler.set_stance("force_eager"), fake_mode:
-        optimizers = _make_optimizers(params, memo, optimizer, optimizer_cls, optimizer_kwargs, optimizer_overrides)
-        # Step 1 creates the optimizer state (lazily, as on the first real step).
-        for p in params:
-            p.grad = torch.zeros_like(p)
-        for o in optimizers:
-            o.step()
-            o.zero_grad(set_to_none=True)
-    if manual:
-        _run_manually(fmodule, optimizers)
-
-    states = [list(o.state.values()) for o in optimizers]
-    tracker = _step_tracker(fmodule, fbatch, optimizers, memo, watch)
-    autocast = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-    counter = FlopCounterMode(display=False)
-    with torch.compiler.set_stance("force_eager"), fake_mode, tracker:
-        tracker.set_phase("forward")
-        with counter:
-            with autocast:
-                out = loss_fn(fmodule, fbatch)
-            if not manual:
-                loss = _loss_tensor(out)
-                tracker.set_phase("backward")
-                loss.backward()
-                del loss
-        del out
-        if not manual:
-            tracker.set_phase("optimizer")
-            for o in optimizers:
-                o.step()
-    return _step_result(fmodule, params, states, fbatch, tracker, counter)
-
-
-def _make_optimizers(params: list[nn.Parameter], memo: dict[int, Any], optimizer, optimizer_cls, optimizer_kwargs,
-                     optimizer_overrides) -> list[torch.optim.Optimizer]:  # noqa: ANN001
-    """The run's own optimizer(s) rebuilt on the fake parameters, or ``optimizer_cls(params, **optimizer_kwargs)``."""
-    if optimizer is not None:
-        given = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
-        return [rebuild_optimizer(o, memo, optimizer_overrides) for o in given]
-    return [optimizer_cls(params, **(optimizer_kwargs or {}))]
-
-
-def _step_tracker(fmodule: nn.Module, fbatch: Any, optimizers: list[torch.optim.Optimizer], memo: dict[int, Any],
-                  watch: dict[str, torch.Tensor] | None) -> _LiveStorageTracker:
-    """A tracker that already counts the persistent tensors (parameters, buffers, batch, optimizer state), sees
-    the optimizers' steps, and watches the fake counterparts of ``watch``."""
-    tracker = _LiveStorageTracker()
-    for name, t in (watch or {}).items():
-        fake = memo.get(id(t))
-        if isinstance(fake, torch.Tensor):
-            tracker.watched[fake.untyped_storage()._cdata] = name
-    for o in optimizers:  # an optimizer's own writes to the parameters are what a step is
-        o.register_step_pre_hook(lambda *_: setattr(tracker, "in_optimizer", tracker.in_optimizer + 1))
-        o.register_step_post_hook(lambda *_: setattr(tracker, "in_optimizer", tracker.in_optimizer - 1))
-    states = [list(o.state.values()) for o in optimizers]
-    tracker.track((list(fmodule.parameters()), list(fmodule.buffers()), fbatch, states))
-    tracker.reset_peak()
-    return tracker
-
-
-def _step_result(fmodule: nn.Module, params: list[nn.Parameter], states: Any, fbatch: Any,
-                 tracker: _LiveStorageTracker, counter: FlopCounterMode) -> dict[str, Any]:
-    """The traced step's figures (see :func:`_trace`'s Returns)."""
-    result = {
-        "params_bytes": _storage_bytes(list(fmodule.parameters())),
-        "buffers_bytes": _storage_bytes(list(fmodule.buffers())),
-        "gradients_bytes": _storage_bytes([p.grad for p in params if p.grad is not None]),
-        "optimizer_state_bytes": _storage_bytes(states),
-        "batch_bytes": _storage_bytes(fbatch),
-    }
-    result["activations_bytes"] = tracker.peak_bytes - sum(result.values())
-    result["peak_bytes"] = tracker.peak_bytes
-    for phase in _PHASES:
-        result[f"{phase}_peak_bytes"] = tracker.phase_peak_bytes.get(phase, 0)
-    result["peak_phase"] = tracker.peak_phase
-    result["train_flops"] = int(counter.get_total_flops())
-    result["written_in_step"] = sorted(tracker.written)
-    return result
-
-
 def resize_batch(batch: Any, rows: int, new_rows: int) -> Any:
     """The batch with ``new_rows`` samples: every tensor with ``rows`` rows becomes a ``meta`` tensor of
     ``new_rows`` (tracing needs only shapes and dtypes)."""
@@ -432,10 +184,236 @@ def resize_batch(batch: Any, rows: int, new_rows: int) -> Any:
     return tree_map_only(torch.Tensor, resize, batch)
 
 
-def _run_manually(module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
-    """Let a LightningModule's manual-optimization ``training_step`` run on the fake copy: its
-    ``optimizers()`` are the rebuilt ones, ``manual_backward`` is ``backward``, toggling does nothing."""
-    module.optimizers = lambda use_pl_optimizer=True: optimizers[0] if len(optimizers) == 1 else list(optimizers)
-    module.manual_backward = lambda loss, *args, **kwargs: loss.backward(*args, **kwargs)
-    module.toggle_optimizer = module.untoggle_optimizer = lambda *args, **kwargs: None
-    module.lr_schedulers = lambda: None
+# --- the session: one fake module, its optimizers, a warm-up step, measured steps ------------------------------
+
+
+class TraceSession:
+    """The state of one trace: the fake mode, the module made fake in place, its rebuilt optimizers.
+
+    Subclassed by the compiled tracer (:mod:`.tracing_compiled`), which installs its compiled regions in
+    :meth:`prepare` and runs everything inside :meth:`context`.
+    """
+
+    def __init__(self, module: nn.Module, loss_fn: Callable[[nn.Module, Any], Any], *,
+                 optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer] | None = None,
+                 optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
+                 optimizer_kwargs: dict[str, Any] | None = None, optimizer_overrides: dict[str, Any] | None = None,
+                 order: StepOrder | None = None, autocast_dtype: torch.dtype | None = None,
+                 watch: dict[str, torch.Tensor] | None = None, shape_env=None,  # noqa: ANN001
+                 real_warm_up: bool = False) -> None:
+        if autocast_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"`autocast_dtype` can be None, torch.bfloat16 or torch.float16, got {autocast_dtype}.")
+        self.module, self.loss_fn = module, loss_fn
+        self.optimizer, self.optimizer_cls, self.optimizer_kwargs = optimizer, optimizer_cls, optimizer_kwargs
+        self.optimizer_overrides = optimizer_overrides
+        self.order = order or StepOrder()
+        self.autocast_dtype, self.watch = autocast_dtype, watch
+        self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=shape_env)
+        self.known = KnownValues(self.fake_mode)
+        self.before_backward: Callable[[Any], None] | None = None
+        self.real_warm_up = real_warm_up
+        self.synthetic = False
+
+    warm_up_each_batch = False  # the compiled tracer warms up on every batch shape (new graphs are compiled)
+
+    def context(self) -> contextlib.AbstractContextManager:
+        """Around everything that runs fake code (the compiled tracer adds its stubbed inductor)."""
+        return torch.compiler.set_stance("force_eager")
+
+    def prepare(self, fake: FakeModule) -> None:
+        """After the module is fake, before anything runs (the compiled tracer installs its regions)."""
+
+    def check(self) -> None:
+        """After the steps (the compiled tracer proves its stub ran)."""
+
+    def run(self, batches: list[Any]) -> list[dict[str, Any]]:
+        """A warm-up step on ``batches[0]``, then one measured step per batch: the figures of each."""
+        with FakeModule(self.module, self.fake_mode) as fake:
+            self._know_buffers(fake)
+            self.prepare(fake)
+            params = [p for p in self.module.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError("`module` has no parameters with `requires_grad=True`; there is nothing to train.")
+            fbatches = [tree_map_only(torch.Tensor, functools.partial(fake_like, self.fake_mode), b) for b in batches]
+            results = []
+            with self.context(), self.fake_mode, self.known:
+                fake.optimizers[:] = self._optimizers(params, fake.memo)
+                for i, fbatch in enumerate(fbatches):
+                    if i == 0 or self.warm_up_each_batch:
+                        self._warm_up(params, fbatch, fake)
+                    results.append(self._measure(params, fbatch, fake))
+            self.check()
+        return results
+
+    def _warm_up(self, params: list[nn.Parameter], fbatch: Any, fake: FakeModule) -> None:
+        """Leave the optimizer state and the gradients as a real step leaves them.
+
+        A whole step (``real_warm_up``: manual optimization, where the user's code decides what stays alive, and
+        compiled regions, which compile their graphs here) or, cheaper, a zero gradient for every trainable
+        parameter and one optimizer step; the measured step then checks that every one of them really gets a
+        gradient (:class:`_UnreachedParameters` otherwise: traced again with a whole warm-up step)."""
+        if self.real_warm_up or self.order.manual:
+            run_step(self.module, fbatch, self.loss_fn, fake.optimizers, self.order, self.autocast_dtype,
+                     before_backward=self.before_backward)
+            return
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        for o in fake.optimizers:
+            o.step()
+        self.synthetic = True
+
+    def _know_buffers(self, fake: FakeModule) -> None:
+        """Small buffers (masks, position tables) keep their values: questions about them can be answered."""
+        for real in fake.real_buffers():
+            self.known.know(fake.memo[id(real)], real)
+
+    def _optimizers(self, params: list[nn.Parameter], memo: dict[int, Any]) -> list[torch.optim.Optimizer]:
+        if self.optimizer is not None:
+            given = list(self.optimizer) if isinstance(self.optimizer, (list, tuple)) else [self.optimizer]
+            return [rebuild_optimizer(o, memo, self.optimizer_overrides) for o in given]
+        return [self.optimizer_cls(params, **(self.optimizer_kwargs or {}))]
+
+    def _measure(self, params: list[nn.Parameter], fbatch: Any, fake: FakeModule) -> dict[str, Any]:
+        tracker = _LiveStorageTracker(guard=True)
+        for name, t in (self.watch or {}).items():
+            fk = fake.memo.get(id(t))
+            if isinstance(fk, torch.Tensor):
+                tracker.watched[storage_key(fk)] = name
+        for o in fake.optimizers:  # an optimizer's own writes to the parameters are what a step is
+            o.register_step_pre_hook(lambda *_: setattr(tracker, "in_optimizer", tracker.in_optimizer + 1))
+            o.register_step_post_hook(lambda *_: setattr(tracker, "in_optimizer", tracker.in_optimizer - 1))
+        states = [list(o.state.values()) for o in fake.optimizers]
+        tracker.track((list(self.module.parameters()), list(self.module.buffers()), fbatch, states,
+                       [p.grad for p in params]))
+        tracker.reset_peak()
+        counter = FlopCounterMode(display=False)
+
+        def phase(name: str) -> None:
+            tracker.set_phase(name, _storage_bytes([p.grad for p in params if p.grad is not None]))
+        before = _storage_bytes([p.grad for p in params if p.grad is not None])
+        reached: set[int] = set()
+
+        def before_backward(loss: torch.Tensor) -> None:
+            reached.update(_reached_parameters(loss))
+            if self.before_backward is not None:
+                self.before_backward(loss)
+        with tracker, counter:
+            run_step(self.module, fbatch, self.loss_fn, fake.optimizers, self.order, self.autocast_dtype, phase,
+                     before_backward)
+        if self.synthetic and any(id(p) not in reached for p in params):
+            raise _UnreachedParameters()
+        result = {
+            "params_bytes": _storage_bytes(list(self.module.parameters())),
+            "buffers_bytes": _storage_bytes(list(self.module.buffers())),
+            "gradients_bytes": _storage_bytes([p.grad for p in params if p.grad is not None]),
+            "optimizer_state_bytes": _storage_bytes(states),
+            "batch_bytes": _storage_bytes(fbatch),
+        }
+        result["activations_bytes"] = tracker.peak_bytes - sum(result.values())
+        result["peak_bytes"] = tracker.peak_bytes
+        for name in _PHASES:
+            if name in tracker.phase_peak_bytes:
+                result[f"{name}_peak_bytes"] = tracker.phase_peak_bytes[name]
+                result[f"{name}_gradients_bytes"] = tracker.phase_gradient_bytes[name]
+        result.setdefault("backward_peak_bytes", 0)
+        result.setdefault("optimizer_peak_bytes", 0)  # manual optimization: the whole step is the forward phase
+        result["gradients_alive_bytes"] = before
+        result["peak_phase"] = tracker.peak_phase
+        result["train_flops"] = int(counter.get_total_flops()) // (2 if self.order.grad_accum > 1 else 1)
+        result["written_in_step"] = sorted(tracker.written)
+        result["values_answered"] = self.known.answered
+        return result
+
+
+class _UnreachedParameters(Exception):
+    """A trainable parameter got no gradient in the measured step: the cheap warm-up gave it one."""
+
+
+def _reached_parameters(loss: torch.Tensor) -> set[int]:
+    """``id`` of every leaf tensor the backward of ``loss`` will write a gradient to."""
+    found, seen, stack = set(), set(), [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)
+        if variable is not None:
+            found.add(id(variable))
+        stack.extend(f for f, _ in fn.next_functions)
+    return found
+
+
+def trace_steps(module: nn.Module, batches: list[Any], loss_fn: Callable[[nn.Module, Any], Any],
+                session: type[TraceSession] = TraceSession, **kwargs: Any) -> list[dict[str, Any]]:
+    """One measured step per batch (after one warm-up step), in one session; a step that reads a value out of a
+    tensor that is not known before it runs (``loss.item()`` for a print or a log) is traced again with a shape
+    environment, in which such a value is a symbol that can be carried but not branched on."""
+    for attempt in range(3):
+        try:
+            return session(module, loss_fn, **kwargs).run(batches)
+        except _UnreachedParameters:  # some parameters get no gradient: warm up with a whole step
+            kwargs["real_warm_up"] = True
+        except Exception as exc:  # noqa: BLE001
+            if not is_data_dependent_error(exc) or "shape_env" in kwargs:
+                raise
+            kwargs["shape_env"] = new_shape_env()
+    return session(module, loss_fn, **kwargs).run(batches)
+
+
+def trace_training_step_memory(module: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, Any], Any],
+                               optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
+                               optimizer_kwargs: dict[str, Any] | None = None,
+                               optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer] | None = None,
+                               optimizer_overrides: dict[str, Any] | None = None, manual: bool = False,
+                               autocast_dtype: torch.dtype | None = None,
+                               watch: dict[str, torch.Tensor] | None = None,
+                               order: StepOrder | None = None) -> dict[str, Any]:
+    """Estimate the peak tensor memory of one steady-state training step, allocating nothing.
+
+    The module's tensors are made fake in place for the trace (:class:`.fake_module.FakeModule`; the real module
+    is left as it was, and checked). A warm-up step creates the optimizer state and leaves the gradients alive;
+    the measured step then runs in Lightning's order (:class:`.step_order.StepOrder`): ``loss_fn(module, batch)``
+    under optional CPU autocast with the previous gradients alive, ``zero_grad``, ``backward()``, the optimizer's
+    update.
+
+    Args:
+        module: the model; its tensors may live on any device, including ``meta``.
+        batch: a pytree of tensors (any device, ``meta`` included) passed to ``loss_fn``.
+        loss_fn: ``loss_fn(module, batch)`` returning a scalar loss tensor, or a dict with a ``"loss"`` tensor
+            (e.g. ``lambda m, b: m.training_step(b, 0)``; ``self.log`` does nothing while tracing).
+        optimizer_cls: optimizer class, constructed as ``optimizer_cls(params, **optimizer_kwargs)``.
+        optimizer_kwargs: keyword arguments for the optimizer. Pass ``foreach=True`` to model
+            the default multi-tensor path of optimizers on CUDA (its temporaries are larger).
+        optimizer: the run's own optimizer, rebuilt on the fake parameters with every param group's
+            hyperparameters (:func:`rebuild_optimizer`); replaces ``optimizer_cls`` and ``optimizer_kwargs``.
+            A list of optimizers (manual optimization) is rebuilt one by one.
+        optimizer_overrides: group settings to change in the rebuilt one (e.g. ``{"foreach": True}``).
+        manual: ``loss_fn`` runs the whole step itself, Lightning's manual optimization (shorthand for
+            ``order=StepOrder(manual=True)``).
+        autocast_dtype: if given (``torch.bfloat16`` or ``torch.float16``), run forward and loss
+            under ``torch.autocast("cpu", dtype=autocast_dtype)``.
+        watch: ``{name: tensor}`` of the module's own tensors (W, E): ``written_in_step`` lists those the
+            step writes in place outside an optimizer's ``step`` (``.data`` writes included).
+        order: how the trainer runs the step (default: Lightning's automatic optimization).
+
+    Returns:
+        A dict of integer byte counts whose parts sum to ``peak_bytes``:
+        ``params_bytes``, ``buffers_bytes``, ``gradients_bytes`` (the gradients after the step),
+        ``optimizer_state_bytes`` (persistent state), ``batch_bytes``, ``activations_bytes`` (the rest of the
+        peak: saved activations, activation gradients, temporaries, gradients alive, optimizer-step temporaries),
+        ``peak_bytes``. ``train_flops`` counts forward + backward FLOPs of one micro-batch
+        (``torch.utils.flop_counter``). Per phase (``forward``, ``backward``, ``accumulate_forward``,
+        ``accumulate_backward``, ``optimizer``, those that ran): ``<phase>_peak_bytes`` (the peak within the
+        phase, not additive) and ``<phase>_gradients_bytes`` (gradients alive as the phase starts);
+        ``peak_phase`` (a string). ``written_in_step``: see ``watch``. ``values_answered``: data-dependent
+        questions answered from values known without the data.
+
+    Raises:
+        TraceNotHermetic: the step reached a real tensor; the figures are discarded.
+    """
+    if order is None:
+        order = StepOrder(manual=manual)
+    return trace_steps(module, [batch], loss_fn, optimizer=optimizer, optimizer_cls=optimizer_cls,
+                       optimizer_kwargs=optimizer_kwargs, optimizer_overrides=optimizer_overrides, order=order,
+                       autocast_dtype=autocast_dtype, watch=watch)[0]
