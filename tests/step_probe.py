@@ -82,3 +82,15 @@ class StepPeakProbe(L.Callback):
                 peak = max(peak, running - at_start)
         self.peak_bytes = self.start_bytes + peak
         self._prof = None
+
+
+def real_step_peak(module: L.LightningModule, loader, batch_index: int = 2, callbacks=(), **trainer_kwargs) -> int:
+    """Fit ``module`` for ``batch_index + 1`` batches on the CPU and return the peak of batch ``batch_index``."""
+    probe = StepPeakProbe(batch_index)
+    accumulate = trainer_kwargs.get("accumulate_grad_batches", 1)
+    options = dict(max_steps=(batch_index + accumulate) // accumulate, accelerator="cpu", devices=1, logger=False,
+                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    options.update(trainer_kwargs)
+    L.Trainer(callbacks=[probe, *callbacks], **options).fit(module, loader)
+    assert probe.peak_bytes is not None, "the probed batch did not run"
+    return probe.peak_bytes

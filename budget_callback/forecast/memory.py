@@ -162,7 +162,9 @@ def compiled_activation_bytes(shape: ModelShape, setup: TrainSetup, batch: int |
     instead (the partitioner's choice depends on the micro-batch). The attention output, the residual stream
     and the activation gradients are not saved.
 
-    Then the backward: at its start the head's weight gradient (compute dtype) joins everything saved, or
+    The forward ends with all of that alive and the loss kernels' scratch (16 bytes per row; in Lightning's order
+    the previous step's gradients too, counted by the caller). Then the backward: at its start the head's weight
+    gradient (compute dtype) joins everything saved, or
     (full precision) the top MLP's input gradient and a weight gradient; ``keep_logits`` (the compiled graph
     returns the logits, e.g. nanoGPT's ``logits, loss = model(X, Y)``) adds their zero tangent and a separate
     logits gradient. At its end every gradient exists, with a second full gradient of the tied matrix
@@ -204,6 +206,7 @@ def compiled_activation_bytes(shape: ModelShape, setup: TrainSetup, batch: int |
     end = V * D * p + rows * D * r + (V * D * c if prec.autocast else rows * V * c) + layer["layer/weight_copies"]
     out = dict(saved)
     out["saved"] = sum(saved.values())
+    out["at_forward_end"] = out["saved"] + 16 * rows + 8  # the loss kernels' per-row scratch
     out["at_backward_start"] = out["saved"] + (tangent if setup.keep_logits else start)
     out["at_backward_end"] = grads + end
     out["total"] = max(out["at_backward_start"], out["at_backward_end"])

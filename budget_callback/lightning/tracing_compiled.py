@@ -116,6 +116,8 @@ def _class_wrapped(mod: nn.Module) -> Iterator[tuple[str, Any]]:
 def _regions(module: nn.Module) -> Iterator[tuple[nn.Module, str, Any, str]]:
     """(module, attribute, compiled object, where) of every compiled region: an ``OptimizedModule`` child
     (attribute: its name in the parent), ``_compiled_call_impl``, a compiled callable on the instance or class."""
+    if is_optimized_module(module):  # the module itself is torch.compile's wrapper: its forward is the region
+        yield module, "forward", module, "<root> (torch.compile)"
     for name, mod in module.named_modules(remove_duplicate=False):
         where = name or "<root>"
         for child_name, child in mod._modules.items():
@@ -141,7 +143,7 @@ def find_compiled_regions(module: nn.Module) -> list[CompileSpec]:
     (Lightning's ``from_compiled`` wraps ``forward`` and the ``*_step`` methods so), and a ``torch.compile``d
     method on a module's class. Regions inside another are listed too (a trace inlines them, as dynamo does).
     """
-    found = [_spec(module, "<root> (torch.compile)")] if is_optimized_module(module) else []
+    found = []
     seen: set[int] = set()
     for mod, attr, compiled, where in _regions(module):
         key = id(compiled) if not is_optimized_module(compiled) else id(compiled) ^ 1
@@ -312,6 +314,9 @@ def _install(mod: nn.Module, attr: str, compiled: Any, where: str, state: _Trace
     """Replace one compiled region of the (fake) module by a :class:`_CompiledRegion`; :class:`.FakeModule` puts
     the original back."""
     spec = _spec(compiled, where)
+    if is_optimized_module(compiled) and compiled is mod:  # the root wrapper: its forward calls the original
+        object.__setattr__(mod, "forward", _CompiledRegion(compiled._orig_mod.__call__, spec, state))
+        return
     if is_optimized_module(compiled):
         mod._modules[attr] = _FakeOptimizedModule(compiled._orig_mod, spec, state)
         return
