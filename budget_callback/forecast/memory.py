@@ -254,15 +254,28 @@ def forward_activation_bytes(shape: ModelShape, setup: TrainSetup, batch: int | 
 def structure_shape(found: dict, seq_len: int) -> ModelShape | None:
     """A transformer shape for a module whose step could not be traced, from what was found in it: its stack of
     identical blocks (``layers``, ``layer_params``), W's width and vocabulary. Chosen to err high: the MLP is
-    taken as gated (its saved activations are the larger for the same parameters), attention as 4 D x D.
+    taken as gated (its saved activations are the larger for the same parameters) and given every parameter of
+    a block beyond the smallest attention (2 D x D, multi-query), with LayerNorms (two statistics per row).
     None when no stack of blocks was found (the memory is then unknown)."""
     L, per, D, V = (found.get(k) for k in ("layers", "layer_params", "hidden_dim", "vocab_size"))
     if not (L and per and D and V):
         return None
-    d_mlp = max(D, (per - 4 * D * D) // (3 * D))
+    d_mlp = max(D, -(-(per - 2 * D * D) // (3 * D)))
     return ModelShape(vocab_size=V, d_model=D, n_layer=L, n_head=1, d_mlp=d_mlp, n_ctx=max(1, seq_len),
                       mlp="gated", learned_pos=False, tied=bool(found.get("tied")),
                       name=str(found.get("name", "custom")))
+
+
+ESTIMATE_MARGIN = 0.10  # added to the activations of a step estimated from its structure, not traced
+
+
+def with_activation_margin(memory: dict, margin: float = ESTIMATE_MARGIN) -> dict:
+    """A :func:`peak_memory` result with every phase's activations raised by ``margin`` (an estimate errs high)."""
+    phases = {name: {k: v for k, v in phase.items() if k != "total"} for name, phase in memory["phases"].items()}
+    for phase in phases.values():
+        phase["activations"] += int(phase["activations"] * margin)
+        phase["total"] = sum(phase.values())
+    return _at_peak(phases)
 
 
 def _model_state(shape: ModelShape, setup: TrainSetup, n_params: int) -> dict[str, int]:

@@ -15,7 +15,8 @@ from ..forecast.console import REPORT_CHARS
 from ..forecast.engine import Budgets, Forecast, Measured, PlanInputs, SnapshotSpec, forecast
 from ..forecast.report import REPORT_TITLE, render
 from ..forecast.flops import train_flops_per_step
-from ..forecast.memory import peak_memory, peak_memory_from_trace, structure_shape
+from ..forecast.memory import (ESTIMATE_MARGIN, peak_memory, peak_memory_from_trace, structure_shape,
+                               with_activation_margin)
 from ..forecast.precision import optimizer_states_per_param
 from ..forecast.shapes import ModelShape
 from ..forecast.wandb_usage import CALLBACK_METRICS, CALLBACK_METRICS_ACCELERATOR
@@ -235,9 +236,10 @@ def _untraced(module, setup, capture: int, layout: SnapshotLayout | None, err: E
     shape = structure_shape(found, setup.seq_len or 1) if found else None
     if shape is not None:
         n_params, _ = R.module_counts(module)
-        memory = peak_memory(shape, setup, n_params, capture_bytes=capture)
+        memory = with_activation_margin(peak_memory(shape, setup, n_params, capture_bytes=capture))
         basis = (f"estimated, not traced ({why}): {shape.n_layer} blocks of width {shape.d_model} found, "
-                 f"forecast as a transformer with a gated MLP of {shape.mlp_hidden} and fused attention")
+                 f"forecast as a transformer with a gated MLP of {shape.mlp_hidden} and fused attention, "
+                 f"activations +{ESTIMATE_MARGIN:.0%}")
         flops = train_flops_per_step(shape, setup.seq(shape), 1)["total"]
         return _Traced(memory, flops, "estimated from the structure found (not traced)", notes=notes + [basis],
                        basis="estimated: the step could not be traced")
