@@ -17,7 +17,7 @@ from . import flops as F
 from .budgets import POLICIES, Verdict, decide
 from .checkpoint import checkpoint_bytes
 from .gpus import gpu as lookup_gpu
-from .memory import (TrainSetup, activation_bytes, compiled_unsupported, max_batch_size, max_batch_size_traced,
+from .memory import (ShardedModel, TrainSetup, activation_bytes, compiled_unsupported, max_batch_size, max_batch_size_traced,
                      min_devices, min_devices_traced, peak_memory)
 from .params import count_params
 from .shapes import ModelShape
@@ -227,6 +227,7 @@ class Measured:
     mode: str = "eager"  # "eager" | "compiled": what the traced step ran as
     memory_known: bool = True  # False: the step could not be traced nor estimated (``memory`` is a lower bound)
     memory_basis: str = ""  # said beside the memory verdict: an estimate, or why the memory is unknown
+    sharded: ShardedModel | None = None  # FSDP2: this device's shards and gathered units (the trace is unsharded)
 
 
 def forecast(inputs: PlanInputs, measured: Measured | None = None, free_disk_bytes: int | None = None) -> Forecast:
@@ -265,8 +266,10 @@ def forecast(inputs: PlanInputs, measured: Measured | None = None, free_disk_byt
                 anchor_batch, anchor = measured.trace_anchor or (setup.micro_batch_size, measured.trace)
                 mem["max_batch_size"] = max_batch_size_traced(anchor, measured.trace_per_sample, anchor_batch, setup,
                                                               budget_memory, capture,
-                                                              exact={setup.micro_batch_size: measured.trace})
-            mem["min_devices"] = min_devices_traced(measured.trace, setup, budget_memory, capture)
+                                                              exact={setup.micro_batch_size: measured.trace},
+                                                              sharded=measured.sharded)
+            mem["min_devices"] = min_devices_traced(measured.trace, setup, budget_memory, capture,
+                                                    sharded=measured.sharded)
         mem["mode"] = measured.mode
     else:
         mem = peak_memory(shape, setup, n, capture_bytes=capture)

@@ -450,20 +450,53 @@ def min_devices(shape: ModelShape, setup: TrainSetup, budget_bytes: int, n_param
     return _fewest(fits, setup.strategy, limit)
 
 
+@dataclass(frozen=True)
+class ShardedModel:
+    """What one device holds of an FSDP2 (``fully_shard``) model, read off the sharded module: its shards, and
+    the units' parameters gathered whole (bytes, in the dtype they are gathered in)."""
+
+    local_params_bytes: int  # this device's parameter shards as allocated (dim 0 padded to the world)
+    local_numel: int  # elements of this device's shards (its gradients and optimizer state follow them)
+    full_numel: int  # elements of the whole model
+    root_unit_bytes: int  # the root unit's parameters: gathered from the forward's start to the backward's end
+    largest_unit_bytes: int  # the largest block (gathered around its own forward and backward)
+    units: int = 1
+
+    full_params_bytes: int = 0  # the whole model's parameters (for another world size)
+    world_size: int = 1
+
+    def share(self, full_bytes: int) -> int:
+        """This device's share of a tensor set that follows the parameters' sharding (gradients, state)."""
+        return full_bytes * self.local_numel // max(1, self.full_numel)
+
+    def at_world(self, world_size: int) -> ShardedModel:
+        """The same model sharded over ``world_size`` devices (shards of 1/world each, padding aside)."""
+        if world_size == self.world_size or not self.full_params_bytes:
+            return self
+        from dataclasses import replace
+
+        return replace(self, local_params_bytes=-(-self.full_params_bytes // world_size),
+                       local_numel=-(-self.full_numel // world_size), world_size=world_size)
+
+
 # trace phase -> memory phase: the forward (the previous step's gradients alive), the start of backward, and
 # with accumulation a later micro-batch's forward and backward (the gradients alive in both)
 _TRACE_PASSES = {"forward": "forward", "backward": "forward_backward", "accumulate_forward": "accumulate_forward",
                  "accumulate_backward": "accumulate_backward"}
 
 
-def peak_memory_from_trace(trace: dict, setup: TrainSetup, capture_bytes: int = 0) -> dict:
+def peak_memory_from_trace(trace: dict, setup: TrainSetup, capture_bytes: int = 0,
+                           sharded: ShardedModel | None = None) -> dict:
     """The :func:`peak_memory` result for a module whose step was traced with fake tensors.
 
     ``trace`` is :func:`budget_callback.lightning.tracing.trace_training_step_memory`'s
     result (one device, tensors as the step creates them, in Lightning's step order). DDP adds its gradient
     buckets; sharded strategies divide the model state and the gradients alive by the world size; DeepSpeed's
-    engine frees the gradients in its step, so none are alive in the next forward.
+    engine frees the gradients in its step, so none are alive in the next forward. ``sharded`` (an FSDP2 model,
+    traced unsharded): this device's shards, and the units gathered whole in each phase (``other``).
     """
+    if sharded is not None:
+        return _fsdp2_from_trace(trace, sharded, capture_bytes)
     W = setup.world_size
     shard = W if setup.strategy != "ddp" else 1
     params = (trace["params_bytes"] + trace["buffers_bytes"]) // shard
@@ -484,6 +517,28 @@ def peak_memory_from_trace(trace: dict, setup: TrainSetup, capture_bytes: int = 
     return _at_peak(_phases(passes, step, opt, capture_bytes))
 
 
+def _fsdp2_from_trace(trace: dict, sharded: ShardedModel, capture_bytes: int) -> dict:
+    """Per device under FSDP2: the unsharded trace's activations, this device's shards of the parameters,
+    gradients and optimizer state, and what is gathered whole: the root unit, from the forward's start to the
+    backward's end. (Later in the backward a block is gathered and the next prefetched, while the gradients
+    already computed are sharded: the unsharded trace holds them whole there, which is more.)"""
+    params = sharded.local_params_bytes + trace["buffers_bytes"]
+    opt = sharded.share(trace["optimizer_state_bytes"])
+    persistent = trace["params_bytes"] + trace["buffers_bytes"] + trace["optimizer_state_bytes"]
+    passes = {}
+    for key, name in _TRACE_PASSES.items():
+        if f"{key}_peak_bytes" not in trace or (key == "backward" and not trace[f"{key}_peak_bytes"]):
+            continue
+        alive = trace.get(f"{key}_gradients_bytes", 0)
+        passes[name] = {"params": params, "gradients": sharded.share(alive), "optimizer": opt,
+                        "activations": trace[f"{key}_peak_bytes"] - persistent - alive,
+                        "other": sharded.root_unit_bytes}
+    temporaries = sharded.share(max(0, trace["optimizer_peak_bytes"] - persistent - trace["gradients_bytes"]))
+    step = {"params": params, "gradients": sharded.share(trace["gradients_bytes"]), "optimizer": opt + temporaries,
+            "activations": 0, "other": 0}
+    return _at_peak(_phases(passes, step, opt, capture_bytes))
+
+
 def trace_at_batch(trace: dict, per_sample: dict[str, int], batch_from: int, batch: int) -> dict:
     """A traced step at another micro-batch: every byte figure moves by its per-sample slope."""
     return {k: v + per_sample.get(k, 0) * (batch - batch_from) if isinstance(v, int) else v for k, v in trace.items()}
@@ -491,22 +546,23 @@ def trace_at_batch(trace: dict, per_sample: dict[str, int], batch_from: int, bat
 
 def max_batch_size_traced(trace: dict, per_sample: dict[str, int], batch_from: int, setup: TrainSetup,
                           budget_bytes: int, capture_bytes: int = 0, limit: int = 1 << 20,
-                          exact: dict[int, dict] | None = None) -> int | None:
+                          exact: dict[int, dict] | None = None, sharded: ShardedModel | None = None) -> int | None:
     """Largest micro-batch whose traced peak fits ``budget_bytes`` (activations linear in the batch, on the line
     through ``trace`` at ``batch_from``). ``exact``: traces at other micro-batches, taken as they are there (a
     compiled step is on its line only from 3 on, so the line starts at 3 or more and the run's own is exact)."""
     def fits(b: int) -> bool:
         at = (exact or {}).get(b) or trace_at_batch(trace, per_sample, batch_from, b)
-        return peak_memory_from_trace(at, setup, capture_bytes)["peak_bytes"] <= budget_bytes
+        return peak_memory_from_trace(at, setup, capture_bytes, sharded)["peak_bytes"] <= budget_bytes
     return _largest(fits, limit)
 
 
 def min_devices_traced(trace: dict, setup: TrainSetup, budget_bytes: int, capture_bytes: int = 0,
-                       limit: int = 65_536) -> int | None:
+                       limit: int = 65_536, sharded: ShardedModel | None = None) -> int | None:
     """Fewest devices of ``budget_bytes`` each that fit the traced step under the strategy."""
     from dataclasses import replace
 
     def fits(world: int) -> bool:
         trial = replace(setup, devices=world, num_nodes=1)
-        return peak_memory_from_trace(trace, trial, capture_bytes)["peak_bytes"] <= budget_bytes
+        at = sharded.at_world(world) if sharded is not None else None
+        return peak_memory_from_trace(trace, trial, capture_bytes, at)["peak_bytes"] <= budget_bytes
     return _fewest(fits, setup.strategy, limit)

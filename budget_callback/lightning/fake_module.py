@@ -16,6 +16,8 @@ While the trace runs:
   the rebuilt fake optimizers, ``manual_backward`` is ``backward``, toggling does nothing.
 * Containers held as attributes (lists, dicts, sets) are shallow copies, so a step that appends to one leaves the
   original alone.
+* FSDP2's forward hooks (which gather parameters with collectives) are set aside: the step is traced unsharded,
+  each DTensor at its global shape, and :mod:`.sharding` gives each device's share.
 
 On exit, the proof (:meth:`FakeModule.verify`): every real parameter and buffer is back under its name, with the
 same version counter and the same gradient; anything else raises :class:`TraceNotHermetic`, and the trace's
@@ -33,7 +35,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map_only
 
-from .torch_internals import FakeTensorMode
+from .torch_internals import FakeTensorMode, is_fsdp2_hook
 
 __all__ = ["FakeModule", "TraceNotHermetic", "fake_like", "rng_states", "set_rng_states"]
 
@@ -43,11 +45,8 @@ class TraceNotHermetic(RuntimeError):
 
 
 def fake_like(fake_mode: FakeTensorMode, t: torch.Tensor) -> torch.Tensor:
-    """A fake CPU tensor with the size, stride and dtype of ``t`` (any device, ``meta`` included)."""
-    if hasattr(t, "to_local") and hasattr(t, "placements"):  # a DTensor (FSDP2, tensor parallel): its global shape
-        from .sharding import global_fake
-
-        return global_fake(fake_mode, t)
+    """A fake CPU tensor with the size, stride and dtype of ``t`` (any device, ``meta`` included; a DTensor at
+    its global shape: the step is traced unsharded, :mod:`.sharding` gives each device's share)."""
     with fake_mode:
         out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device="cpu")
     return out.requires_grad_(t.requires_grad)
@@ -147,6 +146,10 @@ class FakeModule:
         for name, b in mod._buffers.items():
             if b is not None:
                 mod._buffers[name] = self.fake(b)
+        for name in ("_forward_pre_hooks", "_forward_hooks"):  # FSDP2 gathers with collectives: set aside
+            hooks = mod.__dict__.get(name)
+            if hooks and any(is_fsdp2_hook(h) for h in hooks.values()):
+                mod.__dict__[name] = type(hooks)((k, h) for k, h in hooks.items() if not is_fsdp2_hook(h))
         for name, value in list(mod.__dict__.items()):
             if name in ("_parameters", "_buffers", "_modules") or name.startswith("_forward") \
                     or name.startswith("_backward") or name.startswith("_state_dict") \

@@ -15,7 +15,7 @@ from ..forecast.console import REPORT_CHARS
 from ..forecast.engine import Budgets, Forecast, Measured, PlanInputs, SnapshotSpec, forecast
 from ..forecast.report import REPORT_TITLE, render
 from ..forecast.flops import train_flops_per_step
-from ..forecast.memory import (ESTIMATE_MARGIN, peak_memory, peak_memory_from_trace, structure_shape,
+from ..forecast.memory import (ESTIMATE_MARGIN, ShardedModel, peak_memory, peak_memory_from_trace, structure_shape,
                                with_activation_margin)
 from ..forecast.precision import optimizer_states_per_param
 from ..forecast.shapes import ModelShape
@@ -24,6 +24,7 @@ from ..snapshots.format import SnapshotLayout
 from . import inputs as R
 from .config import BudgetConfig
 from .locate import MatrixSource
+from .sharding import sharded_model
 from .step_order import StepOrder
 from .torch_internals import compiled_trace_unsupported, storage_key
 from .tracing import TraceNotHermetic, resize_batch, trace_steps
@@ -89,7 +90,7 @@ def plan_fit(trainer: pl.Trainer, module: pl.LightningModule, config: BudgetConf
     )
     n_params, n_tensors = R.module_counts(module)
     regions, unreadable = compiled_regions(module)
-    traced, found, notes = _Traced(), None, []
+    traced, found, notes, sharded = _Traced(), None, [], None
     why_eager = compiled_trace_unsupported() if regions else None
     if why_eager:  # said in the report: the compiled run is forecast as eager, the higher figure
         notes.append(f"compiled run forecast as eager ({_compiled_note(regions)[len('forecast as compiled '):]}): "
@@ -98,15 +99,18 @@ def plan_fit(trainer: pl.Trainer, module: pl.LightningModule, config: BudgetConf
     if unreadable:
         notes.append(f"compiled regions could not be read ({unreadable}): forecast as eager, which is higher")
     if declared is None or regions:  # a declared shape's analytic forecast is eager: a compiled one is traced
+        sharded = sharded_model(module, setup.world_size)
         traced = _trace(trainer, module, batch, setup, on_accelerator, facts.capture_device_bytes,
-                        _own_parameters(module, sources), regions, eager=declared is None, layout=layout)
+                        _own_parameters(module, sources), regions, eager=declared is None, layout=layout,
+                        sharded=sharded)
         if declared is None:
             found = R.describe_module(module, layout)
         if traced.trace is not None and found is not None:
             found["written_in_step"] = traced.trace["written_in_step"]
     measured = Measured(n_params, n_tensors, R.state_dict_entries(module), traced.memory,
                         traced.flops if declared is None else None, traced.method, traced.trace, traced.per_sample,
-                        found, traced.anchor, traced.mode, traced.known, traced.basis)
+                        found, traced.anchor, traced.mode, traced.known, traced.basis,
+                        sharded if traced.trace is not None else None)
     result = forecast(inputs, measured, free_disk_bytes=free_disk_bytes)
     if config.verbose:  # the report W&B will capture is this forecast's own: count its real length
         exact = replace(console, report_chars=len(REPORT_TITLE) + 1 + len(render(result)))
@@ -167,7 +171,8 @@ COMPILED_METHOD = "traced compiled training step (inductor partition, fake tenso
 
 
 def _trace(trainer, module, batch, setup, on_accelerator: bool, capture: int, watch: dict | None = None,
-           regions: list | None = None, eager: bool = True, layout: SnapshotLayout | None = None) -> _Traced:
+           regions: list | None = None, eager: bool = True, layout: SnapshotLayout | None = None,
+           sharded: ShardedModel | None = None) -> _Traced:
     """Trace one training step with fake tensors on the CPU fake device, in Lightning's step order
     (:class:`.step_order.StepOrder`), at the run's micro-batch and at another one: the difference is the
     per-sample slope (largest micro-batch that fits, fewest devices).
@@ -203,7 +208,7 @@ def _trace(trainer, module, batch, setup, on_accelerator: bool, capture: int, wa
             first = traces[B]
             per_sample = {k: (v - traces[at[0]][k]) // (at[1] - at[0]) for k, v in traces[at[1]].items()
                           if isinstance(v, int)}
-            return _Traced(peak_memory_from_trace(first, setup, capture), first["train_flops"] // max(1, B),
+            return _Traced(peak_memory_from_trace(first, setup, capture, sharded), first["train_flops"] // max(1, B),
                            COMPILED_METHOD, first, per_sample, None if at[0] == B else (at[0], traces[at[0]]),
                            "compiled", [_compiled_note(regions)])
         except Exception as err:  # noqa: BLE001 - said in the report; the eager trace is the safe side
@@ -223,8 +228,11 @@ def _trace(trainer, module, batch, setup, on_accelerator: bool, capture: int, wa
     if first.get("values_answered"):
         notes.append(f"{first['values_answered']} data-dependent question(s) answered from values known "
                      "without the data (masks built from shapes)")
-    return _Traced(peak_memory_from_trace(first, setup, capture), first["train_flops"] // max(1, B), EAGER_METHOD,
-                   first, per_sample, notes=notes)
+    if sharded is not None:
+        notes.append(f"traced unsharded; per device under FSDP2 ({sharded.units} fully_shard units): this rank's "
+                     "shards and the root unit gathered through the step")
+    return _Traced(peak_memory_from_trace(first, setup, capture, sharded), first["train_flops"] // max(1, B),
+                   EAGER_METHOD, first, per_sample, notes=notes)
 
 
 def _untraced(module, setup, capture: int, layout: SnapshotLayout | None, err: Exception, notes: list[str]) -> _Traced:

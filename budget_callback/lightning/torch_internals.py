@@ -295,3 +295,31 @@ def compile_with_backend(backend: str, gm: torch.fx.GraphModule, example: list[t
     from torch._dynamo.backends.registry import lookup_backend
 
     return lookup_backend(backend)(gm, example)
+
+
+# --- FSDP2 (fully_shard) ----------------------------------------------------------------------------------------
+
+
+def is_fsdp2_unit(module: torch.nn.Module) -> bool:
+    """A module ``fully_shard`` was applied to."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def is_fsdp2_hook(hook: Any) -> bool:
+    """A forward hook FSDP2 registered (its ``FSDPState``'s ``_pre_forward`` / ``_post_forward``): it gathers and
+    reshards parameters with collectives, which a fake step must not run."""
+    owner = getattr(hook, "__self__", None)
+    return type(owner).__name__ == "FSDPState"
+
+
+def fsdp2_gathered_dtype(unit: torch.nn.Module, param: torch.Tensor) -> torch.dtype:
+    """The dtype a unit's parameter is all-gathered in: its ``MixedPrecisionPolicy.param_dtype``, else its own."""
+    try:
+        policy = unit._get_fsdp_state()._mp_policy
+        return policy.param_dtype or param.dtype
+    except AttributeError:
+        return param.dtype

@@ -19,7 +19,7 @@ def test_checked_and_fits(projected, budget, checked, fits):
     v = Verdict("disk", projected, budget)
     assert (v.checked, v.fits) == (checked, fits)
     assert v.to_dict() == {"name": "disk", "projected_bytes": projected, "budget_bytes": budget, "advice": [],
-                           "fits": fits}
+                           "fits": fits, "known": True, "basis": ""}
 
 
 @pytest.mark.parametrize("projected, budget, advice, expected", [
@@ -36,3 +36,20 @@ def test_line_says_both_sizes_the_verdict_and_advice_only_when_over(projected, b
 def test_policies_are_the_three_documented_ones():
     # README "Budgets": downsample raises the interval, abort raises before the first step, warn goes on
     assert POLICIES == ("downsample", "abort", "warn")
+
+
+def test_an_unknown_projection_never_fits_a_budget_and_says_so():
+    from budget_callback.forecast.budgets import decide
+
+    unknown = Verdict("memory", 1000, 2000, known=False, basis="the step could not be traced (X)")
+    assert not unknown.fits and not unknown.exceeds
+    assert unknown.line() == ("memory: UNKNOWN, at least 1000 B (model states only) of 1.95 KiB budget "
+                              "[the step could not be traced (X)]")
+    assert Verdict("memory", 1000, None, known=False).fits  # no budget: nothing to vouch for
+    fits = {"disk": Verdict("disk", 1, 2)}
+    assert decide({**fits, "memory": unknown}, "downsample", False) == "unknown"
+    assert decide({**fits, "memory": unknown}, "warn", True) == "unknown"
+    assert decide({**fits, "memory": unknown}, "abort", False) == "abort"
+    over = Verdict("disk", 3, 2)
+    assert decide({"disk": over, "memory": unknown}, "warn", False) == "warn"
+    assert decide(fits, "downsample", True) == "downsampled" and decide(fits, "abort", False) == "fits"
