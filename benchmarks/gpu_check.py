@@ -3,11 +3,13 @@
 1. Memory forecast vs CUDA. GPT-2 small/medium/large/xl (``budget_callback.models.gpt.GPT``), micro-batch
    B in 1..32 (larger B skipped once one runs out of memory), T=1024, bf16-mixed (CUDA autocast, fp32
    master weights), flash attention (SDPA forced to its flash kernel), AdamW fused and foreach, eager and
-   ``torch.compile(model)``. Warm-up steps (optimizer state, compilation), ``zero_grad(set_to_none=True)``,
-   ``torch.cuda.reset_peak_memory_stats()``, one real step (forward, loss, backward, ``opt.step()``), then
-   ``torch.cuda.max_memory_allocated()`` and ``memory_reserved()``. Against (a) the traced forecast
-   (``trace_training_step_memory`` / ``trace_compiled_training_step_memory`` on the real module and optimizer
-   -> ``peak_memory_from_trace``) and (b) the analytic one (``peak_memory``; compiled: the whole model is
+   ``torch.compile(model)``. Steps in Lightning's order (forward with the last step's gradients alive,
+   ``zero_grad(set_to_none=True)``, backward, ``opt.step()``): warm-up steps (optimizer state, compilation),
+   ``torch.cuda.reset_peak_memory_stats()``, one real step, then ``torch.cuda.max_memory_allocated()`` and
+   ``memory_reserved()``. Against (a) the traced forecast (``trace_training_step_memory`` /
+   ``trace_compiled_training_step_memory`` on the real module and optimizer -> ``peak_memory_from_trace``), on
+   the fake cuda device the callback uses where CUDA is present, and on the fake cpu device beside it (the
+   compiled partition differs by device), and (b) the analytic one (``peak_memory``; compiled: the whole model is
    compiled, its graph returns the logits too, hence ``keep_logits=True``).
    **Target: each forecast within 10% of max_memory_allocated.** The CUDA context (a few hundred MiB) is
    in neither; "device used" (``mem_get_info``: total - free) shows it.
@@ -167,15 +169,19 @@ def memory_case(dev, shape: ModelShape, B: int, T: int, compiled: bool, impl: st
     g = torch.Generator().manual_seed(0)
     batch = tuple(torch.randint(0, shape.vocab_size, (B, T), generator=g).to(dev) for _ in range(2))
     tracer = trace_compiled_training_step_memory if compiled else trace_training_step_memory
-    try:  # a forecast that fails is reported; the measurement still runs
-        trace = tracer(run, batch, loss_fn, optimizer=opt, autocast_dtype=torch.bfloat16)
-        out["traced"] = peak_memory_from_trace(trace, setup)["peak_bytes"]
-    except Exception as exc:  # noqa: BLE001
-        out["traced"] = "error: " + short(exc)
+    # the fake device the callback uses here: cuda where CUDA is present (inductor's CUDA partition), and the
+    # cpu one beside it for comparison
+    for key, fake in (("traced", "cuda"), ("traced_cpu", "cpu")) if dev.type == "cuda" else (("traced", "cpu"),):
+        try:  # a forecast that fails is reported; the measurement still runs
+            trace = tracer(run, batch, loss_fn, optimizer=opt, autocast_dtype=torch.bfloat16, device=fake)
+            out[key] = peak_memory_from_trace(trace, setup)["peak_bytes"]
+        except Exception as exc:  # noqa: BLE001
+            out[key] = "error: " + short(exc)
 
-    def step():
+    def step():  # Lightning's order: training_step with the last step's gradients alive, zero_grad, backward
         with flash(), torch.autocast(dev.type, dtype=torch.bfloat16):
             loss = loss_fn(run, batch)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         del loss
         opt.step()
@@ -183,9 +189,9 @@ def memory_case(dev, shape: ModelShape, B: int, T: int, compiled: bool, impl: st
     try:
         for _ in range(warmup):
             step()
-            opt.zero_grad(set_to_none=True)
         gc.collect()
-        before = live_bytes(list(model.parameters()), list(model.buffers()), list(opt.state.values()), batch)
+        before = live_bytes(list(model.parameters()), list(model.buffers()), list(opt.state.values()), batch,
+                            [p.grad for p in model.parameters()])
         out.update(measure_step(dev, step, before))
     except torch.OutOfMemoryError:
         out["peak"] = "OOM"
@@ -228,6 +234,9 @@ def memory_row(label: str, B: int, r: dict, analytic: int, total: int | None, se
     leak = f" (at start {mib(r['start'])} still allocated)" if r["start"] > 2**20 else ""
     t = r["traced"] if isinstance(r["traced"], int) else None
     traced = mib(t) if t is not None else r["traced"]
+    if "traced_cpu" in r:
+        cpu = r["traced_cpu"]
+        traced += f" (cpu fake: {mib(cpu) if isinstance(cpu, int) else cpu})"
     if r["peak"] == "OOM":
         says = "forecast > device memory" if total and min(t or analytic, analytic) > total else \
             "forecast fits the device"

@@ -44,11 +44,11 @@ class TraceNotHermetic(RuntimeError):
     """The traced step reached something real (a tensor written, an attribute left changed): trace discarded."""
 
 
-def fake_like(fake_mode: FakeTensorMode, t: torch.Tensor) -> torch.Tensor:
-    """A fake CPU tensor with the size, stride and dtype of ``t`` (any device, ``meta`` included; a DTensor at
-    its global shape: the step is traced unsharded, :mod:`.sharding` gives each device's share)."""
+def fake_like(fake_mode: FakeTensorMode, t: torch.Tensor, device: str = "cpu") -> torch.Tensor:
+    """A fake tensor on ``device`` with the size, stride and dtype of ``t`` (any device, ``meta`` included; a
+    DTensor at its global shape: the step is traced unsharded, :mod:`.sharding` gives each device's share)."""
     with fake_mode:
-        out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device="cpu")
+        out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=device)
     return out.requires_grad_(t.requires_grad)
 
 
@@ -102,8 +102,8 @@ class FakeModule:
     raised already).
     """
 
-    def __init__(self, module: nn.Module, fake_mode: FakeTensorMode) -> None:
-        self.module, self.fake_mode = module, fake_mode
+    def __init__(self, module: nn.Module, fake_mode: FakeTensorMode, device: str = "cpu") -> None:
+        self.module, self.fake_mode, self.device = module, fake_mode, device
         self.memo: dict[int, torch.Tensor] = {}
         self.optimizers: list[torch.optim.Optimizer] = []
         self._saved: list[tuple[nn.Module, dict, dict, dict, dict]] = []
@@ -115,7 +115,7 @@ class FakeModule:
         """The fake counterpart of a real tensor (made once, so tied tensors stay tied)."""
         found = self.memo.get(id(t))
         if found is None:
-            found = fake_like(self.fake_mode, t.detach() if isinstance(t, nn.Parameter) else t)
+            found = fake_like(self.fake_mode, t.detach() if isinstance(t, nn.Parameter) else t, self.device)
             if isinstance(t, nn.Parameter):
                 found = nn.Parameter(found, requires_grad=t.requires_grad)
             self.memo[id(t)] = found

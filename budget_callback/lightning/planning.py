@@ -191,15 +191,29 @@ def _trace(trainer, module, batch, setup, on_accelerator: bool, capture: int, wa
     order = StepOrder.of_lightning(trainer, module)
     optimizers = list(trainer.optimizers) if order.manual else (trainer.optimizers[:1] or None)
 
+    on_cuda = next((p.device.type for p in module.parameters()), "cpu") == "cuda" and torch.cuda.is_available()
+    notes, used = [], {"device": "cpu"}
+
+    def method(text: str) -> str:
+        return text.replace("cpu fake device", f"{used['device']} fake device")
+
     def trace(batches: list, compiled: bool) -> list[dict]:
         tracer = trace_compiled_steps if compiled else trace_steps
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return tracer(module, batches, lambda m, x: m.training_step(x, 0), optimizer_cls=torch.optim.SGD,
-                          optimizer_kwargs={"lr": 0.0}, optimizer=optimizers, optimizer_overrides=overrides,
-                          autocast_dtype=autocast, order=order, watch=watch)
+            for device in ("cuda", "cpu") if on_cuda else ("cpu",):
+                try:
+                    out = tracer(module, batches, lambda m, x: m.training_step(x, 0), optimizer_cls=torch.optim.SGD,
+                                 optimizer_kwargs={"lr": 0.0}, optimizer=optimizers, optimizer_overrides=overrides,
+                                 autocast_dtype=autocast, order=order, watch=watch, device=device)
+                    used["device"] = device
+                    return out
+                except Exception as err:  # noqa: BLE001 - the fake CUDA device first, the CPU one as before
+                    if device == "cpu":
+                        raise
+                    notes.append(f"the trace on the fake cuda device failed ({type(err).__name__}: "
+                                 f"{str(err)[:120]}): traced on the fake cpu device")
     B = setup.micro_batch_size
-    notes = []
     if regions:
         try:
             at = (B, B + 4) if B >= 3 else (4, 8)
@@ -209,7 +223,7 @@ def _trace(trainer, module, batch, setup, on_accelerator: bool, capture: int, wa
             per_sample = {k: (v - traces[at[0]][k]) // (at[1] - at[0]) for k, v in traces[at[1]].items()
                           if isinstance(v, int)}
             return _Traced(peak_memory_from_trace(first, setup, capture, sharded), first["train_flops"] // max(1, B),
-                           COMPILED_METHOD, first, per_sample, None if at[0] == B else (at[0], traces[at[0]]),
+                           method(COMPILED_METHOD), first, per_sample, None if at[0] == B else (at[0], traces[at[0]]),
                            "compiled", [_compiled_note(regions)])
         except Exception as err:  # noqa: BLE001 - said in the report; the eager trace is the safe side
             notes.append(f"compiled step could not be traced ({type(err).__name__}: {str(err)[:200]}): "
@@ -232,7 +246,7 @@ def _trace(trainer, module, batch, setup, on_accelerator: bool, capture: int, wa
         notes.append(f"traced unsharded; per device under FSDP2 ({sharded.units} fully_shard units): this rank's "
                      "shards and the root unit gathered through the step")
     return _Traced(peak_memory_from_trace(first, setup, capture, sharded), first["train_flops"] // max(1, B),
-                   EAGER_METHOD, first, per_sample, notes=notes)
+                   method(EAGER_METHOD), first, per_sample, notes=notes)
 
 
 def _untraced(module, setup, capture: int, layout: SnapshotLayout | None, err: Exception, notes: list[str]) -> _Traced:

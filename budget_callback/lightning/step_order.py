@@ -79,14 +79,14 @@ def _clip(params: list[torch.Tensor], how: tuple[str, float]) -> None:
 
 def run_step(module: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, Any], Any],
              optimizers: list[torch.optim.Optimizer], order: StepOrder, autocast_dtype: torch.dtype | None = None,
-             phase: Callable[[str], None] = lambda name: None, before_backward: Callable[[Any], None] | None = None
-             ) -> None:
+             phase: Callable[[str], None] = lambda name: None, before_backward: Callable[[Any], None] | None = None,
+             device_type: str = "cpu") -> None:
     """One optimizer step of ``module`` on ``batch`` in ``order``, each phase announced with ``phase(name)``:
     ``forward`` (the training step, the previous step's gradients alive), ``backward`` (after ``zero_grad``),
     with accumulation ``accumulate_forward`` / ``accumulate_backward`` (gradients alive), then ``optimizer``.
     Under manual optimization the whole step is ``forward``."""
     def autocast() -> contextlib.AbstractContextManager:
-        return torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     if order.manual:
         phase("forward")
         with autocast():

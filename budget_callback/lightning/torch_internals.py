@@ -210,6 +210,10 @@ def _fake_empty_strided_cpu(size, stride, dtype):  # noqa: ANN001
     return torch.empty_strided(size, stride, dtype=dtype, device="cpu")
 
 
+def _fake_empty_strided_cuda(size, stride, dtype):  # noqa: ANN001
+    return torch.empty_strided(size, stride, dtype=dtype, device="cuda")
+
+
 def _fake_reinterpret_tensor(t: torch.Tensor, size, stride, offset):  # noqa: ANN001
     return torch.as_strided(t, size, stride, t.storage_offset() + offset)
 
@@ -220,6 +224,7 @@ def _no_op(*args: Any, **kwargs: Any) -> None:
 
 _WRAPPER_OVERRIDES = {
     "empty_strided_cpu": _fake_empty_strided_cpu,
+    "empty_strided_cuda": _fake_empty_strided_cuda,
     "reinterpret_tensor": _fake_reinterpret_tensor,
     "assert_size_stride": _no_op,
     "assert_alignment": _no_op,

@@ -200,7 +200,7 @@ class TraceSession:
                  optimizer_kwargs: dict[str, Any] | None = None, optimizer_overrides: dict[str, Any] | None = None,
                  order: StepOrder | None = None, autocast_dtype: torch.dtype | None = None,
                  watch: dict[str, torch.Tensor] | None = None, shape_env=None,  # noqa: ANN001
-                 real_warm_up: bool = False) -> None:
+                 real_warm_up: bool = False, device: str = "cpu") -> None:
         if autocast_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"`autocast_dtype` can be None, torch.bfloat16 or torch.float16, got {autocast_dtype}.")
         self.module, self.loss_fn = module, loss_fn
@@ -213,6 +213,7 @@ class TraceSession:
         self.before_backward: Callable[[Any], None] | None = None
         self.real_warm_up = real_warm_up
         self.synthetic = False
+        self.device = device  # the fake device: "cpu" (anywhere) or "cuda" (only where CUDA is present)
 
     warm_up_each_batch = False  # the compiled tracer warms up on every batch shape (new graphs are compiled)
 
@@ -228,13 +229,14 @@ class TraceSession:
 
     def run(self, batches: list[Any]) -> list[dict[str, Any]]:
         """A warm-up step on ``batches[0]``, then one measured step per batch: the figures of each."""
-        with FakeModule(self.module, self.fake_mode) as fake:
+        with FakeModule(self.module, self.fake_mode, self.device) as fake:
             self._know_buffers(fake)
             self.prepare(fake)
             params = [p for p in self.module.parameters() if p.requires_grad]
             if not params:
                 raise ValueError("`module` has no parameters with `requires_grad=True`; there is nothing to train.")
-            fbatches = [tree_map_only(torch.Tensor, functools.partial(fake_like, self.fake_mode), b) for b in batches]
+            fbatches = [tree_map_only(torch.Tensor, functools.partial(fake_like, self.fake_mode, device=self.device), b)
+                        for b in batches]
             results = []
             with self.context(), self.fake_mode, self.known:
                 fake.optimizers[:] = self._optimizers(params, fake.memo)
@@ -254,7 +256,7 @@ class TraceSession:
         gradient (:class:`_UnreachedParameters` otherwise: traced again with a whole warm-up step)."""
         if self.real_warm_up or self.order.manual:
             run_step(self.module, fbatch, self.loss_fn, fake.optimizers, self.order, self.autocast_dtype,
-                     before_backward=self.before_backward)
+                     before_backward=self.before_backward, device_type=self.device)
             return
         for p in params:
             p.grad = torch.zeros_like(p)
@@ -299,7 +301,7 @@ class TraceSession:
                 self.before_backward(loss)
         with tracker, counter:
             run_step(self.module, fbatch, self.loss_fn, fake.optimizers, self.order, self.autocast_dtype, phase,
-                     before_backward)
+                     before_backward, self.device)
         if self.synthetic and any(id(p) not in reached for p in params):
             raise _UnreachedParameters()
         result = {
@@ -368,7 +370,7 @@ def trace_training_step_memory(module: nn.Module, batch: Any, loss_fn: Callable[
                                optimizer_overrides: dict[str, Any] | None = None, manual: bool = False,
                                autocast_dtype: torch.dtype | None = None,
                                watch: dict[str, torch.Tensor] | None = None,
-                               order: StepOrder | None = None) -> dict[str, Any]:
+                               order: StepOrder | None = None, device: str = "cpu") -> dict[str, Any]:
     """Estimate the peak tensor memory of one steady-state training step, allocating nothing.
 
     The module's tensors are made fake in place for the trace (:class:`.fake_module.FakeModule`; the real module
@@ -392,10 +394,13 @@ def trace_training_step_memory(module: nn.Module, batch: Any, loss_fn: Callable[
         manual: ``loss_fn`` runs the whole step itself, Lightning's manual optimization (shorthand for
             ``order=StepOrder(manual=True)``).
         autocast_dtype: if given (``torch.bfloat16`` or ``torch.float16``), run forward and loss
-            under ``torch.autocast("cpu", dtype=autocast_dtype)``.
+            under ``torch.autocast(device, dtype=autocast_dtype)``.
         watch: ``{name: tensor}`` of the module's own tensors (W, E): ``written_in_step`` lists those the
             step writes in place outside an optimizer's ``step`` (``.data`` writes included).
         order: how the trainer runs the step (default: Lightning's automatic optimization).
+        device: the fake device, ``"cpu"`` (works everywhere) or ``"cuda"`` (where CUDA is present: CUDA's
+            kernels' shapes and, compiled, inductor's CUDA partition; on a CPU-only build a fake CUDA backward
+            aborts the process).
 
     Returns:
         A dict of integer byte counts whose parts sum to ``peak_bytes``:
@@ -416,4 +421,4 @@ def trace_training_step_memory(module: nn.Module, batch: Any, loss_fn: Callable[
         order = StepOrder(manual=manual)
     return trace_steps(module, [batch], loss_fn, optimizer=optimizer, optimizer_cls=optimizer_cls,
                        optimizer_kwargs=optimizer_kwargs, optimizer_overrides=optimizer_overrides, order=order,
-                       autocast_dtype=autocast_dtype, watch=watch)[0]
+                       autocast_dtype=autocast_dtype, watch=watch, device=device)[0]

@@ -42,6 +42,7 @@ Limits (the report repeats the ones that matter):
 from __future__ import annotations
 
 import contextlib
+import copy
 import operator
 import types
 import warnings
@@ -189,10 +190,12 @@ def _signature(flat: list[Any]) -> tuple:
             parts.append(("T", tuple(x.shape), tuple(x.stride()), x.dtype, x.device.type, x.requires_grad))
         else:
             parts.append(("C", type(x).__name__, repr(x)))
-    return tuple(parts), torch.is_grad_enabled(), (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+    autocast = tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda"))
+    return tuple(parts), torch.is_grad_enabled(), autocast
 
 
-def _region_graph(fn: Callable, flat: list[Any], in_spec: Any, n_out: int) -> fx.GraphModule:
+def _region_graph(fn: Callable, flat: list[Any], in_spec: Any, n_out: int,
+                  before_call: Callable[[], None] = lambda: None) -> fx.GraphModule:
     """A GraphModule whose one call is ``fn``, holding the parameters and buffers of the module ``fn`` is bound to.
 
     Tensor leaves of the call become placeholders, other leaves constants. Each distinct parameter/buffer is one
@@ -217,6 +220,7 @@ def _region_graph(fn: Callable, flat: list[Any], in_spec: Any, n_out: int) -> fx
     attrs = list(dict.fromkeys(a for _, a in names))
 
     def _call_region(*values: torch.Tensor) -> tuple:
+        before_call()  # AOTAutograd traces the call more than once: each trace starts from the same arguments
         state = dict(zip(attrs, values[: len(attrs)]))
         leaves = list(constants)
         for i, t in zip(tensor_pos, values[len(attrs):]):
@@ -269,13 +273,17 @@ class _CompiledRegion:
         known = self.state.known
         if known is not None:
             known.enabled = False
+        objects = _ObjectState(flat)
         try:
             with torch.no_grad():  # a dry run gives the output structure
                 out = self.fn(*args, **kwargs)
+            objects.restore()  # what the call did to its arguments (a KV cache filled) is undone
             forget_pending_unbacked(flat)
             out_leaves, out_spec = tree_flatten(out)
-            gm = _region_graph(self.fn, flat, in_spec, sum(isinstance(x, torch.Tensor) for x in out_leaves))
+            gm = _region_graph(self.fn, flat, in_spec, sum(isinstance(x, torch.Tensor) for x in out_leaves),
+                               objects.restore)
             compiled = _compile_backend(self.spec, gm, [x for x in flat if isinstance(x, torch.Tensor)])
+            objects.restore()
         except CompiledTraceError:
             raise
         except Exception as exc:  # noqa: BLE001 - said, with its cause, by the error
@@ -290,6 +298,47 @@ class _CompiledRegion:
         self.state.compiled_graphs += 1
         self.state.inductor_regions += self.spec.backend == "inductor"
         return compiled, out_leaves, out_spec
+
+
+class _ObjectState:
+    """The state of the plain Python objects a region is called with (a ``DynamicCache``): tracing a call twice (a
+    dry run, then AOTAutograd) would otherwise leave their tensors twice in them, and a traced tensor kept in an
+    argument becomes a fake constant of the next graph. Their tensors are kept as they are, the rest copied.
+    (Such side effects are not replayed when the compiled region runs: dynamo would, and a cache filled in the
+    forward keeps its keys and values alive until the model's output is dropped.)"""
+
+    def __init__(self, flat: list[Any]) -> None:
+        self.saved: list[tuple[Any, dict]] = []
+        for x in flat:
+            if isinstance(x, (torch.Tensor, nn.Module)) or not hasattr(x, "__dict__") or callable(x):
+                continue
+            memo = {id(t): t for t in _tensors_in(vars(x))}
+            try:
+                self.saved.append((x, copy.deepcopy(dict(vars(x)), memo)))
+            except Exception:  # noqa: BLE001 - an object that cannot be copied is left as it is
+                continue
+
+    def restore(self) -> None:
+        for obj, attrs in self.saved:
+            vars(obj).clear()
+            vars(obj).update(copy.deepcopy(attrs, {id(t): t for t in _tensors_in(attrs)}))
+
+
+def _tensors_in(value: Any, depth: int = 0) -> list[torch.Tensor]:
+    """The tensors in ``value`` and in the attributes of the objects it holds (a few levels down)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if depth > 4 or isinstance(value, nn.Module):
+        return []
+    if isinstance(value, dict):
+        items = list(value.values())
+    elif isinstance(value, (list, tuple, set)):
+        items = list(value)
+    elif hasattr(value, "__dict__") and not callable(value):
+        items = list(vars(value).values())
+    else:
+        return []
+    return [t for item in items for t in _tensors_in(item, depth + 1)]
 
 
 class _FakeOptimizedModule(nn.Module):
@@ -385,7 +434,7 @@ def trace_compiled_training_step_memory(module: nn.Module, batch: Any, loss_fn: 
                                         optimizer_overrides: dict[str, Any] | None = None, manual: bool = False,
                                         autocast_dtype: torch.dtype | None = None,
                                         watch: dict[str, torch.Tensor] | None = None,
-                                        order: StepOrder | None = None) -> dict[str, Any]:
+                                        order: StepOrder | None = None, device: str = "cpu") -> dict[str, Any]:
     """Estimate the peak tensor memory of one steady-state training step of a compiled model, allocating nothing.
 
     The arguments and the result are :func:`.tracing.trace_training_step_memory`'s. The warm-up step compiles
@@ -400,4 +449,4 @@ def trace_compiled_training_step_memory(module: nn.Module, batch: Any, loss_fn: 
         order = StepOrder(manual=manual)
     return trace_compiled_steps(module, [batch], loss_fn, optimizer=optimizer, optimizer_cls=optimizer_cls,
                                 optimizer_kwargs=optimizer_kwargs, optimizer_overrides=optimizer_overrides,
-                                order=order, autocast_dtype=autocast_dtype, watch=watch)[0]
+                                order=order, autocast_dtype=autocast_dtype, watch=watch, device=device)[0]

@@ -15,8 +15,12 @@ from budget_callback.lightning.tracing import trace_training_step_memory
 from budget_callback.lightning.tracing_compiled import (CompiledTraceError, find_compiled_regions,
                                                         trace_compiled_training_step_memory)
 from budget_callback.models.gpt import GPT
+from budget_callback.lightning.torch_internals import compiled_trace_unsupported
 from helpers import LlamaLM, token_loader, trainer
 from step_probe import real_step_peak
+
+UNSUPPORTED = compiled_trace_unsupported()
+needs_compiled_tracer = pytest.mark.skipif(UNSUPPORTED is not None, reason=f"{UNSUPPORTED}")
 
 
 def _quiet(model):
@@ -52,6 +56,7 @@ def test_finds_every_way_users_compile():
         ("layers.0 (torch.compile)", "aot_eager"), ("layers.1 (torch.compile)", "aot_eager")]
 
 
+@needs_compiled_tracer
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_compiled_trace_equals_a_real_compiled_step(precision):
     """Llama-style (RMSNorm, GQA, SwiGLU, untied head), AdamW, ``model.compile()``: the forecast of the compiled
@@ -75,6 +80,7 @@ def test_compiled_trace_equals_a_real_compiled_step(precision):
     assert not any(isinstance(p, torch._subclasses.FakeTensor) for p in model.parameters())
 
 
+@needs_compiled_tracer
 def test_a_backend_it_cannot_trace_is_named():
     model = _quiet(LlamaLM())
     model.compile(backend=lambda gm, example: gm.forward)  # a user's own backend
@@ -82,6 +88,7 @@ def test_a_backend_it_cannot_trace_is_named():
         trace_compiled_training_step_memory(model, _batch(vocab=64), _step, optimizer_cls=torch.optim.AdamW)
 
 
+@needs_compiled_tracer
 def test_fit_forecasts_the_compiled_step(tmp_path):
     """trainer.fit on a compiled module: the fit-start forecast is the compiled partition's, with the largest
     micro-batch and fewest devices; the real compiled run trains and snapshots as usual."""
@@ -128,6 +135,7 @@ class _LossOnly(nn.Module):
         return self.model(x, y)[1]
 
 
+@needs_compiled_tracer
 @pytest.mark.parametrize("precision,batch,returns", [("bf16-mixed", 1, "loss"), ("bf16-mixed", 4, "loss"),
                                                      ("bf16-mixed", 4, "logits"), ("32-true", 2, "logits")])
 def test_analytic_compiled_forecast_within_3_percent_of_the_compiled_trace(precision, batch, returns):
@@ -151,3 +159,38 @@ def test_analytic_compiled_forecast_within_3_percent_of_the_compiled_trace(preci
     eager = memory_phases(shape, TrainSetup(batch, precision=precision, optimizer="adamw", optimizer_impl="fused",
                                             keep_logits=returns == "logits"))["forward_backward"]["total"]
     assert analytic < eager
+
+
+def test_a_compiled_run_says_how_it_was_forecast_and_why_on_any_torch(tmp_path, monkeypatch):
+    """Where the compiled tracer cannot run (torch < 2.11: no ``innermost_backend``; 2.6 also no
+    ``GraphLowering._compile_to_module_lines``) the run is forecast as eager, the higher figure, and the report
+    says so with the reason. On an older torch this is that torch; on a newer one the reason is simulated."""
+    import budget_callback.lightning.planning as planning
+
+    why = UNSUPPORTED or "the compiled tracer needs torch >= 2.11; this is torch 2.6.0 (simulated)"
+    monkeypatch.setattr(planning, "compiled_trace_unsupported", lambda: why)
+    model = LlamaLM(vocab=64, d=16)
+    model.compile()
+    cb = BudgetCallback(tmp_path / "s", snapshot_dtype="float32", verbose=False)
+    trainer(tmp_path, [cb], max_steps=1).fit(model, token_loader(vocab=64))
+    assert cb.forecast.memory["mode"] == "eager"
+    assert cb.forecast.memory["activations_method"].startswith("traced training step")
+    note = next(n for n in cb.forecast.notes if n.startswith("compiled run forecast as eager"))
+    assert why in note and "(.compile())" in note
+
+
+@needs_compiled_tracer
+def test_a_compile_that_bypasses_the_stub_is_refused(monkeypatch):
+    """If inductor stops calling the stubbed code generation, fit start would compile real kernels and nothing
+    would notice: the trace checks that every inductor region went through the stub, and refuses otherwise."""
+    import budget_callback.lightning.torch_internals as internals
+
+    stub = internals._stub_compile_to_module_lines
+
+    def uncounted(check):  # generates the same code, but as if through another path: not counted
+        return stub(internals.StubCheck())
+    monkeypatch.setattr(internals, "_stub_compile_to_module_lines", uncounted)
+    model = LlamaLM(vocab=64, d=16)
+    model.compile()
+    with pytest.raises(CompiledTraceError, match="code generation was stubbed for 0 graph"):
+        trace_compiled_training_step_memory(model, _batch(vocab=64), _step, optimizer=model.configure_optimizers())
