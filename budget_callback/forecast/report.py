@@ -21,6 +21,21 @@ def _bytes_rows(parts: dict, keys: list[str] | None = None) -> list[tuple[str, s
     return [(k, format_bytes(parts[k])) for k in keys]
 
 
+# the moments of a step in Lightning's order (its closure: training_step, zero_grad, backward; then the update)
+_PHASE_NAMES = {
+    "forward": "end of forward, last step's gradients alive",
+    "forward_backward": "start of backward",
+    "accumulate_forward": "accumulating micro-batch, forward",
+    "accumulate_backward": "accumulating micro-batch, backward",
+    "optimizer_step": "optimizer step",
+    "snapshot_capture": "snapshot capture",
+}
+
+
+def _phase_name(key: str) -> str:
+    return _PHASE_NAMES.get(key, key.replace("_", " "))
+
+
 def render(f: Forecast) -> str:
     i, s = f.inputs, f.inputs.shape
     setup = i.setup
@@ -42,12 +57,12 @@ def render(f: Forecast) -> str:
                   + [("total", f"{f.params['total']:,}")], format_count(f.params["total"]) + ", " + tied)
     m = f.memory
     phase = m["phases"][m["peak_phase"]]
-    out += _table(f"Memory per device at the peak ({m['peak_phase'].replace('_', ' ')}), {m.get('mode', 'eager')} step",
+    out += _table(f"Memory per device at the peak ({_phase_name(m['peak_phase'])}), {m.get('mode', 'eager')} step",
                   _bytes_rows(phase, ["params", "gradients", "optimizer", "activations", "other", "total"]),
                   m["activations_method"])
     for name, other in m["phases"].items():
         if name != m["peak_phase"]:
-            out.append(f"  other phase ({name.replace('_', ' ')}): {format_bytes(other['total'])}")
+            out.append(f"  other phase ({_phase_name(name)}): {format_bytes(other['total'])}")
     if m.get("budget_bytes") and not m.get("limits_known", True):
         out.append(f"  memory budget {format_bytes(m['budget_bytes'])}: largest micro-batch and fewest devices unknown "
                    "(the step could not be traced)")
