@@ -79,10 +79,11 @@ class KnownValues(TorchDispatchMode):
             return out
         real_flat = list(flat)
         it = iter(known)
-        for i, x in enumerate(flat):
-            if isinstance(x, torch.Tensor):
-                value = next(it)
-                real_flat[i] = value if isinstance(x, FakeTensor) else value.clone()
+        with disable_dispatch_modes():  # a real input (a constant made outside) is copied, never written
+            for i, x in enumerate(flat):
+                if isinstance(x, torch.Tensor):
+                    value = next(it)
+                    real_flat[i] = value if isinstance(x, FakeTensor) else value.clone()
         real_args, real_kwargs = tree_unflatten(real_flat, spec)
         if func in _SCALAR_READS or torch.Tag.data_dependent_output in func.tags:
             self.answered += 1

@@ -126,11 +126,15 @@ def storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
-def disable_dispatch_modes() -> contextlib.AbstractContextManager:
-    """Run real ops on real tensors from inside a dispatch mode (the fake mode and the tracker are set aside)."""
+@contextlib.contextmanager
+def disable_dispatch_modes() -> Iterator[None]:
+    """Run real ops on real tensors from inside a dispatch mode: the modes (the fake mode, the tracker) set aside
+    and Python dispatch off (inside a mode's handler the fake mode is still reached otherwise)."""
+    from torch.utils._mode_utils import no_dispatch
     from torch.utils._python_dispatch import _disable_current_modes
 
-    return _disable_current_modes()
+    with _disable_current_modes(), no_dispatch():
+        yield
 
 
 def new_shape_env() -> Any:
