@@ -98,7 +98,8 @@ class KnownValues(TorchDispatchMode):
             return out
         out = func(*args, **kwargs)  # the fake op first: its aliasing and storages are the trace's
         fake_out = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        if fake_out and all(_small(t) for t in fake_out):
+        # an in-place op (``_foreach_add_`` of AdamW's steps returns nothing) writes the values it was given
+        if (fake_out or func._schema.is_mutable) and all(_small(t) for t in fake_out):
             try:
                 with disable_dispatch_modes():
                     real = func(*real_args, **real_kwargs)
