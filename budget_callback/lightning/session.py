@@ -9,6 +9,7 @@ Decisions are made on rank 0 and shared (:mod:`.distributed`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing.util
 import os
@@ -27,7 +28,7 @@ from ..forecast.report import REPORT_TITLE, render
 from ..snapshots.format import MANIFEST, SnapshotLayout, host_buffer_bytes
 from ..snapshots.schedule import Schedule
 from ..snapshots.directory import scan
-from ..snapshots.series import Series, SeriesPlan, prepare, restored_series
+from ..snapshots.series import Series, SeriesPlan, new_run_id, prepare, restored_series
 from ..snapshots.writer import SnapshotWriter
 from ..units import format_bytes
 from . import inputs as R
@@ -86,6 +87,9 @@ class FitSession:
         self._at_exit = None  # multiprocessing.util.Finalize: runs at exit in spawned workers too (atexit does not)
         self._lost_seen = 0
         self._warned = False
+        self.run_id = new_run_id()  # a new series' id, known before it starts (a checkpoint may be taken before)
+        self._in_step = False  # inside this callback's batch end (a signal handler may checkpoint there)
+        self._flush_after_step = False
 
     # --- setup: checks that need no run, and the lock ---------------------------------------------------
     def setup(self, trainer: pl.Trainer) -> None:
@@ -167,6 +171,11 @@ class FitSession:
                                "reason": "code between the steps may change W: " + ", ".join(writers[:5])})
         self.tracker = RunTracker(result, R.module_peak_flops(trainer, module), facts.on_accelerator, wandb)
         self.next_check_step = trainer.global_step + 1
+        if self.schedule.last_step < trainer.global_step:
+            # the checkpoint was written after its step's optimizer update, before this callback recorded that batch
+            # end: the restored W is W after that step, so its snapshot, if due, is taken from it now
+            with self._recording():
+                self._take(trainer.global_step)
 
     def _locate(self, trainer: pl.Trainer, module: pl.LightningModule
                 ) -> tuple[dict[str, MatrixSource], SnapshotLayout, bool]:
@@ -191,7 +200,32 @@ class FitSession:
             known = ", ".join(self.checkpoint_dirs) or "none"
             hint = (f"The checkpoint being resumed has no BudgetCallback state for this snapshot_dir (it has "
                     f"state for: {known}).")
-        return prepare(self.config.snapshot_dir, layout, restored_series(self.restored), self.config.overwrite, hint)
+        own = (self.restored or {}).get("pending_run_id")  # a checkpoint its run wrote before its series started
+        plan = prepare(self.config.snapshot_dir, layout, restored_series(self.restored), self.config.overwrite, hint,
+                       run_id=own or self.run_id, own_run_id=own)
+        self._interval_on_resume(plan)
+        return plan
+
+    def _interval_on_resume(self, plan: SeriesPlan) -> None:
+        """A resume that asks for another interval than its series was started with gets it from the resume on
+        (the disk is checked again: the forecast may raise it); one that asks the same keeps the series' interval
+        (which the disk guard may have raised)."""
+        if not plan.resuming:
+            return
+        asked, schedule = self.config.save_every_n_steps, plan.schedule
+        before = (restored_series(self.restored) or {}).get("requested_every")
+        if before is None:
+            if asked != schedule.interval:
+                plan.warnings.append(
+                    f"`save_every_n_steps`={asked}, but the series being resumed snapshots every {schedule.interval} "
+                    "steps and its checkpoint (written by an earlier version) does not say which interval was "
+                    f"requested: the series keeps {schedule.interval}")
+            return
+        if asked != before:
+            plan.warnings.append(f"`save_every_n_steps` changed from {before} (requested when the series started) to "
+                                 f"{asked}: the series snapshots every {asked} steps from step "
+                                 f"{schedule.last_step + 1} on")
+            schedule.change_interval(asked)
 
     def _check_host_ram(self, layout: SnapshotLayout) -> None:
         K = layout.snapshots_per_file
@@ -212,7 +246,8 @@ class FitSession:
                 schedule.change_interval(result.save_every_n_steps)
         else:
             schedule = Schedule.start(layout, result.save_every_n_steps, stride, trainer.global_step)
-        self.series, removed, open_file = plan.commit(schedule, self.launch_token, self.config.fsync)
+        self.series, removed, open_file = plan.commit(schedule, self.launch_token, self.config.fsync,
+                                                      self.config.save_every_n_steps)
         step = trainer.global_step
         if removed:
             self.series.event({"step": step, "event": "cleaned_temporaries", "count": len(removed),
@@ -228,12 +263,26 @@ class FitSession:
         return schedule.state()
 
     # --- every batch end --------------------------------------------------------------------------------
-    def on_step(self, trainer: pl.Trainer) -> None:
-        step = trainer.global_step
-        stepped = step > self.schedule.last_step
+    @contextlib.contextmanager
+    def _recording(self):
+        """A batch end being recorded: a checkpoint written meanwhile (by a signal handler, or after an exception
+        raised in it) carries the series before it (:meth:`Series.begin_step`)."""
+        if self.series is not None:
+            self.series.begin_step()
+        self._in_step = True
+        try:
+            yield
+        finally:
+            self._in_step = False
+        if self.series is not None:
+            self.series.end_step()
+        if self._flush_after_step:
+            self._flush_after_step = False
+            self.before_checkpoint()
+
+    def _take(self, step: int) -> None:
+        """Record the batch end at ``step`` in the schedule and take its snapshot if one is due."""
         placement = self.series.place(step) if self.series else self.schedule.advance(step)
-        if stepped:
-            self.tracker.tick()
         if placement is not None and (self.writer is not None or self.facts.sharded):
             writer = self.writer
 
@@ -242,6 +291,17 @@ class FitSession:
             # every rank takes part in gathering a sharded W; the writing rank copies off the training thread
             if not self.capture.take(ready, placement.step, placement.every) and self.writer is not None:
                 self.series.record_dropped(step)
+
+    def on_step(self, trainer: pl.Trainer) -> None:
+        with self._recording():
+            self._batch_end(trainer)
+
+    def _batch_end(self, trainer: pl.Trainer) -> None:
+        step = trainer.global_step
+        stepped = step > self.schedule.last_step
+        if stepped:
+            self.tracker.tick()
+        self._take(step)
         if self.series is not None and trainer.world_size == 1 and self.series.lost > self._lost_seen:
             self._lost_seen = self.series.lost  # a write hit a full disk: look again now (one process only)
             self.next_check_step = step
@@ -317,7 +377,14 @@ class FitSession:
 
     # --- checkpoints ----------------------------------------------------------------------------------------
     def before_checkpoint(self) -> None:
-        """Every snapshot up to the checkpoint's step is on disk before the checkpoint is (no gaps on resume)."""
+        """Every snapshot up to the checkpoint's step is on disk before the checkpoint is (no gaps on resume).
+
+        A checkpoint written by a signal handler that interrupted this callback's own batch end (SLURM's
+        requeue signal) carries the series before that batch end; the queues may be held by the interrupted
+        code, so its snapshots are made durable as the batch end finishes, milliseconds later."""
+        if self._in_step:
+            self._flush_after_step = True
+            return
         if self.writer is not None and not self.writer.closed:
             self.capture.wait()
             self.writer.flush(final=False)
@@ -328,7 +395,9 @@ class FitSession:
             return self.series.state_dict()
         if self.restored is not None:  # not started yet (e.g. lr_find saving before training): pass it on
             return dict(self.restored)
-        return {"version": 2, "run_id": None}
+        # not started yet: a resume from this checkpoint replaces what this run writes after it
+        return {"version": 2, "run_id": None, "pending_run_id": self.run_id,
+                "snapshot_dir": str(self.config.snapshot_dir)}
 
     # --- the end ------------------------------------------------------------------------------------------
     def finish(self, trainer: pl.Trainer, failed: BaseException | None = None) -> None:

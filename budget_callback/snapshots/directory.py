@@ -247,8 +247,17 @@ class DirectoryScan:
     manifest_error: str | None = None
 
     @property
+    def foreign_manifest(self) -> str | None:
+        """What the ``manifest.json`` here is when budget-callback did not write it (None: ours, or none)."""
+        m = self.manifest
+        if not m or str(m.get("format", "")).startswith(SNAPSHOT_FORMAT.split("/")[0]):
+            return None
+        keys = ", ".join(sorted(map(str, m))[:4])
+        return f"a JSON object with {keys}{' ...' if len(m) > 4 else ''}, no budget-callback format"
+
+    @property
     def holds_series(self) -> bool:
-        return bool(self.files or self.bad or self.manifest is not None)
+        return bool(self.files or self.bad or (self.manifest is not None and self.foreign_manifest is None))
 
     @property
     def series_bytes(self) -> int:

@@ -41,13 +41,15 @@ class Series:
 
     def __init__(self, directory: Path, layout: SnapshotLayout, run_id: str, schedule: Schedule,
                  files: dict[int, tuple[int, int]] | None = None, launch_token: str | None = None,
-                 fsync: bool = True) -> None:
+                 fsync: bool = True, requested_every: int | None = None) -> None:
         self.directory = Path(directory)
         self.layout = layout
         self.run_id = run_id
         self.schedule = schedule
         self.launch_token = launch_token
         self.fsync = fsync
+        self.requested_every = requested_every  # the interval the user asked for (a resume that asks another honours it)
+        self._before: tuple[dict, int] | None = None  # (schedule state, due bytes) before the batch end being recorded
         self.files: dict[int, tuple[int, int]] = dict(files or {})  # first step -> (snapshots, bytes) on disk
         self.dropped = 0
         self.lost = 0  # snapshots lost to a full disk
@@ -67,6 +69,17 @@ class Series:
             return sum(count for count, _ in self.files.values())
 
     # --- training thread ------------------------------------------------------------------------
+    def begin_step(self) -> None:
+        """A batch end is being recorded: until :meth:`end_step`, a checkpoint (a signal handler's, or one written
+        after an exception in between) carries the series as it was before it. The model such a checkpoint holds
+        is W after that batch's optimizer step: the resume takes the snapshot again from it."""
+        with self._lock:
+            self._before = (self.schedule.state(), self.schedule.due_bytes())
+
+    def end_step(self) -> None:
+        with self._lock:
+            self._before = None
+
     def place(self, step: int) -> Placement | None:
         with self._lock:
             return self.schedule.advance(step)
@@ -97,11 +110,17 @@ class Series:
 
     # --- plain state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The callback's checkpoint state: small and plain."""
+        """The callback's checkpoint state: small and plain. It agrees with the files whenever it is taken: in the
+        middle of a batch end (:meth:`begin_step`) it is the series before that batch end."""
         with self._lock:
+            on_disk = sum(size for _, size in self.files.values())
+            schedule = self.schedule.state()
+            if self._before is not None:
+                schedule, due = self._before
+                on_disk = min(on_disk, due)  # a file of the unfinished batch end may already be there
             return {"version": STATE_VERSION, "run_id": self.run_id, "snapshot_dir": str(self.directory),
-                    "layout": self.layout.to_dict(), "schedule": self.schedule.state(),
-                    "bytes_on_disk": sum(size for _, size in self.files.values()), "files_on_disk": len(self.files)}
+                    "layout": self.layout.to_dict(), "schedule": schedule, "bytes_on_disk": on_disk,
+                    "files_on_disk": len(self.files), "requested_every": self.requested_every}
 
     def manifest(self, status: str = "running") -> dict:
         with self._lock:
@@ -176,8 +195,8 @@ class SeriesPlan:
         gone = {e.path for e in self.edits if e.keep == 0}
         return [f for f in self.found.files if f.path not in gone]
 
-    def commit(self, schedule: Schedule, launch_token: str | None = None, fsync: bool = True
-               ) -> tuple[Series, list[str], SnapshotFile | None]:
+    def commit(self, schedule: Schedule, launch_token: str | None = None, fsync: bool = True,
+               requested_every: int | None = None) -> tuple[Series, list[str], SnapshotFile | None]:
         """Apply the planned edits, clean temporaries, start the series and write its manifest.
 
         Returns the series, the names of the temporaries removed, and the open stacked file
@@ -188,7 +207,7 @@ class SeriesPlan:
         apply_edits(self.edits, self.found, self.layout, fsync)
         after = scan(self.directory) if self.edits else self.found
         files = {f.first_step: (f.count, f.size) for f in after.files} if self.resuming else {}
-        series = Series(self.directory, self.layout, self.run_id, schedule, files, launch_token, fsync)
+        series = Series(self.directory, self.layout, self.run_id, schedule, files, launch_token, fsync, requested_every)
         open_file = None
         if schedule.open:
             open_file = next((f for f in after.files if f.first_step == schedule.open[0]
@@ -198,23 +217,32 @@ class SeriesPlan:
 
 
 def prepare(directory: Path, layout: SnapshotLayout, restored: dict | None, overwrite: bool,
-            checkpoint_hint: str = "") -> SeriesPlan:
+            checkpoint_hint: str = "", run_id: str | None = None, own_run_id: str | None = None) -> SeriesPlan:
     """Decide what this fit does with ``directory`` (reading only); refuse with what to do instead.
 
     ``restored``: the series state from the checkpoint being resumed (see :func:`restored_series`).
     ``checkpoint_hint``: words about the checkpoint for messages (e.g. which snapshot_dir it knows).
+    ``run_id``: the id of a new series (default: a fresh one). ``own_run_id``: the run the checkpoint being
+    resumed belongs to when it was written before that run's series started (its snapshots are all later
+    than the checkpoint: replaced, as a resume replaces what came after its checkpoint).
     """
     directory = Path(directory)
     found = scan(directory)
+    if found.foreign_manifest is not None:
+        raise ValueError(
+            f"`snapshot_dir` {str(directory)!r} holds a {MANIFEST} that budget-callback did not write "
+            f"({found.foreign_manifest}); nothing was touched, and overwrite=True does not replace files this "
+            "callback did not write. Choose another snapshot_dir, or move that file away")
     if restored is None:
-        return _fresh(directory, layout, found, overwrite, checkpoint_hint)
-    return _resume(directory, layout, found, restored)
+        return _fresh(directory, layout, found, overwrite, checkpoint_hint, run_id or new_run_id(), own_run_id)
+    return _resume(directory, layout, found, restored, overwrite)
 
 
-def _fresh(directory: Path, layout: SnapshotLayout, found: DirectoryScan, overwrite: bool, hint: str) -> SeriesPlan:
-    plan = SeriesPlan(directory, layout, found, new_run_id(), None)
+def _fresh(directory: Path, layout: SnapshotLayout, found: DirectoryScan, overwrite: bool, hint: str, run_id: str,
+           own_run_id: str | None = None) -> SeriesPlan:
+    plan = SeriesPlan(directory, layout, found, run_id, None)
     if found.holds_series:
-        if not overwrite:
+        if not overwrite and not (own_run_id is not None and found.run_id == own_run_id):
             owner = f"run {found.run_id}" if found.run_id else "another run"
             raise ValueError(
                 f"`snapshot_dir` {str(directory)!r} already holds snapshots of {owner} "
@@ -243,11 +271,19 @@ def _check_layout(layout: SnapshotLayout, saved: dict) -> None:
                              f"{saved['vocab_size']} x {saved['hidden_dim']}: a different model or `unembedding`")
 
 
-def _resume(directory: Path, layout: SnapshotLayout, found: DirectoryScan, restored: dict) -> SeriesPlan:
+def _resume(directory: Path, layout: SnapshotLayout, found: DirectoryScan, restored: dict,
+            overwrite: bool = False) -> SeriesPlan:
     legacy = int(restored.get("version", 1)) < 2
     run_id = found.run_id if legacy else restored["run_id"]
     if not legacy and found.holds_series and found.run_id != run_id:
         owner = f"run {found.run_id}" if found.run_id else "a run whose manifest is missing or from another version"
+        if overwrite:  # the user asked to replace another run's snapshots: this run's series starts here, afresh
+            plan = _fresh(directory, layout, found, True, "", new_run_id())
+            plan.warnings.append(
+                f"`snapshot_dir` held snapshots of {owner}, not of run {run_id} that the checkpoint belongs to; "
+                "overwrite=True replaced them, and a new series starts at the checkpoint's step (the earlier "
+                f"snapshots of run {run_id} are not in this directory)")
+            return plan
         raise ValueError(
             f"`snapshot_dir` {str(directory)!r} holds snapshots of {owner}, but the checkpoint being resumed "
             f"belongs to run {run_id}; nothing was touched. Resume from a checkpoint of that run, write to another "

@@ -47,7 +47,7 @@ def _first_run(tmp_path, snaps, steps=6, ckpt_every=4, **kwargs):
 def test_resume_continues_the_series_and_its_projection(tmp_path):
     first, path = _first_run(tmp_path, tmp_path / "s", save_every_n_steps=2)
     assert SnapshotReader(tmp_path / "s").steps == [2, 4, 6]  # went on to step 6 after the step-4 checkpoint
-    second = BudgetCallback(tmp_path / "s", save_every_n_steps=1)  # requested interval differs: the series' wins
+    second = BudgetCallback(tmp_path / "s", save_every_n_steps=2)
     rec = RecordW()
     trainer(tmp_path, [second, rec], max_steps=10).fit(TinyLM(), token_loader(n=200), ckpt_path=path)
     reader = SnapshotReader(tmp_path / "s")
@@ -57,6 +57,22 @@ def test_resume_continues_the_series_and_its_projection(tmp_path):
     on_disk = sum(size for _, size in _files(tmp_path / "s"))
     assert second.bytes_written == second.projected_bytes == on_disk  # the projection covers the whole series
     assert "by step 10" in second.summary() and "difference +0 B" in second.summary()
+
+
+def test_a_resume_that_asks_for_another_interval_gets_it_from_the_resume_on(tmp_path, record):
+    """Before: the series' interval was kept and nothing said so. The request is honoured from the resume on (the
+    disk is checked again), and said; asking the interval the series was started with keeps the series' own."""
+    _, path = _first_run(tmp_path, tmp_path / "s", save_every_n_steps=2)
+    second = BudgetCallback(tmp_path / "s", save_every_n_steps=3)
+    with pytest.warns(UserWarning, match=r"`save_every_n_steps` changed from 2 .* to 3: the series snapshots every 3 "
+                                         r"steps from step 5 on"):
+        trainer(tmp_path, [second], max_steps=12).fit(TinyLM(), token_loader(n=200), ckpt_path=path)
+    assert SnapshotReader(tmp_path / "s").steps == [2, 4, 6, 9, 12]
+    assert second.save_every_n_steps == 3
+    on_disk = sum(size for _, size in _files(tmp_path / "s"))
+    assert second.bytes_written == second.projected_bytes == on_disk
+    assert any(e["event"] == "warning" and "changed from 2" in e["detail"] for e in second.events)
+    record(steps=SnapshotReader(tmp_path / "s").steps, every=second.save_every_n_steps, bytes=on_disk)
 
 
 def test_resume_mid_stack_continues_the_open_file(tmp_path, record):
@@ -123,7 +139,7 @@ def test_relative_then_absolute_spelling_resumes_the_same_series(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     _, path = _first_run(tmp_path, "s", save_every_n_steps=2)
     monkeypatch.chdir("/")
-    second = BudgetCallback(tmp_path / "s", save_every_n_steps=1)
+    second = BudgetCallback(tmp_path / "s", save_every_n_steps=2)
     trainer(tmp_path, [second], max_steps=8).fit(TinyLM(), token_loader(n=200), ckpt_path=path)
     assert second.save_every_n_steps == 2  # the state was found: the interval is restored
     assert SnapshotReader(tmp_path / "s").steps == [2, 4, 6, 8]
@@ -206,7 +222,7 @@ class LateRestore(SingleDeviceStrategy):
 
 def test_resume_under_a_strategy_that_restores_late(tmp_path, record):
     _, path = _first_run(tmp_path, tmp_path / "s", save_every_n_steps=2)
-    second = BudgetCallback(tmp_path / "s")
+    second = BudgetCallback(tmp_path / "s", save_every_n_steps=2)  # without the state: refused (another run's)
     trainer(tmp_path, [second], max_steps=10, strategy=LateRestore(device=torch.device("cpu"))).fit(
         TinyLM(), token_loader(n=200), ckpt_path=path)
     assert second.save_every_n_steps == 2 and SnapshotReader(tmp_path / "s").steps == [2, 4, 6, 8, 10]
