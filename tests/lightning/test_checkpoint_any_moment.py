@@ -149,3 +149,22 @@ def test_a_checkpoint_on_exception_resumes_to_the_uninterrupted_files(tmp_path, 
     shutil.copytree(snaps, tmp_path / "pristine")
     for ckpt in ("user.ckpt", "lightning.ckpt"):
         _resume_matches(tmp_path, snaps, tmp_path / "pristine", str(tmp_path / ckpt), reference, every, per_file)
+
+
+def test_a_checkpoint_before_the_series_started_resumes_its_own_run(tmp_path, tmp_path_factory):
+    """Written at the first ``on_train_batch_start`` by a callback listed before ours: the series had not started.
+    Before: the resume found the run's own later snapshots and refused them as another run's."""
+    reference = uninterrupted(tmp_path_factory, 1, 3)
+    snaps, ckpts = tmp_path / "s", tmp_path / "ckpt"
+    ckpts.mkdir()
+
+    class First(Callback):
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == 0:
+                trainer.save_checkpoint(ckpts / "before-on_train_batch_start.ckpt")
+
+    _fit(tmp_path, [First(), callback(snaps, 1, 3)])
+    assert os.listdir(ckpts) == ["before-on_train_batch_start.ckpt"]
+    shutil.copytree(snaps, tmp_path / "pristine")
+    _resume_matches(tmp_path, snaps, tmp_path / "pristine", str(ckpts / "before-on_train_batch_start.ckpt"),
+                    reference, 1, 3)
