@@ -66,6 +66,19 @@ def token_loader(vocab: int = 50, seq: int = 8, n: int = 64, batch: int = 4, see
     return DataLoader(TensorDataset(data[:, :-1], data[:, 1:]), batch_size=batch)
 
 
+def same_batches(steps: int, vocab: int = 50, seq: int = 8, batch: int = 4) -> DataLoader:
+    """``steps`` batches that all hold the same tokens: W after step s does not depend on which batches ran."""
+    g = torch.Generator().manual_seed(0)
+    row = torch.randint(0, vocab, (1, seq + 1), generator=g).repeat(batch * steps, 1)
+    return DataLoader(TensorDataset(row[:, :-1], row[:, 1:]), batch_size=batch)
+
+
+def seeded_lm(**kwargs) -> TinyLM:
+    """A TinyLM with the same initial weights in every process."""
+    torch.manual_seed(0)
+    return TinyLM(**kwargs)
+
+
 def trainer(tmp_path, callbacks, max_steps: int = 6, **kwargs) -> L.Trainer:
     options = dict(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),

@@ -11,29 +11,16 @@ import os
 import shutil
 
 import pytest
-import torch
 from lightning.pytorch.callbacks import Callback, OnExceptionCheckpoint
-from torch.utils.data import DataLoader, TensorDataset
 
 from budget_callback import BudgetCallback, SnapshotReader
-from helpers import TinyLM, trainer
+from helpers import same_batches, seeded_lm, trainer
 
 HOOKS = ("on_train_batch_start", "on_before_zero_grad", "on_before_backward", "on_after_backward",
          "on_before_optimizer_step", "on_train_batch_end")
 STEPS = 5
 AT = 2  # checkpoints are taken while global_step == AT (the batch ending step AT, or the one making step AT + 1)
 CONFIGS = [(1, 1), (2, 1), (1, 3), (2, 3)]  # (save_every_n_steps, snapshots_per_file)
-
-
-def same_batches() -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    row = torch.randint(0, 50, (1, 9), generator=g).repeat(4 * STEPS, 1)
-    return DataLoader(TensorDataset(row[:, :-1], row[:, 1:]), batch_size=4)
-
-
-def model() -> TinyLM:
-    torch.manual_seed(0)
-    return TinyLM()
 
 
 class SaveAtEveryHook(Callback):
@@ -86,7 +73,7 @@ def _files(path) -> dict[str, bytes]:
 def _fit(tmp_path, callbacks, ckpt_path=None, max_steps=STEPS):
     checkpointing = any(isinstance(cb, OnExceptionCheckpoint) for cb in callbacks)
     trainer(tmp_path, callbacks, max_steps=max_steps, enable_checkpointing=checkpointing).fit(
-        model(), same_batches(), ckpt_path=ckpt_path)
+        seeded_lm(), same_batches(STEPS), ckpt_path=ckpt_path)
 
 
 def callback(directory, every, per_file) -> BudgetCallback:
