@@ -90,6 +90,8 @@ class FitSession:
         self.run_id = new_run_id()  # a new series' id, known before it starts (a checkpoint may be taken before)
         self._in_step = False  # inside this callback's batch end (a signal handler may checkpoint there)
         self._flush_after_step = False
+        self._finished = False
+        self.reported: dict | None = None  # rank 0's end-of-fit figures, on every rank
 
     # --- setup: checks that need no run, and the lock ---------------------------------------------------
     def setup(self, trainer: pl.Trainer) -> None:
@@ -388,6 +390,16 @@ class FitSession:
         if self.writer is not None and not self.writer.closed:
             self.capture.wait()
             self.writer.flush(final=False)
+            self._check_files()
+
+    def _check_files(self) -> None:
+        """Files removed or changed by something else are no longer counted (said at once, not at a resume)."""
+        gone = self.series.check_files()
+        if gone:
+            self.series.write_manifest()
+            warnings.warn(f"budget-callback: {len(gone)} snapshot file(s) in {str(self.series.directory)!r} were "
+                          f"removed or changed by something else: {', '.join(gone[:5])}; their snapshots are no "
+                          "longer counted in bytes_written (the series goes on)", stacklevel=2)
 
     def state_dict(self) -> dict:
         if self.series is not None:
@@ -401,16 +413,19 @@ class FitSession:
 
     # --- the end ------------------------------------------------------------------------------------------
     def finish(self, trainer: pl.Trainer, failed: BaseException | None = None) -> None:
-        if self.writer is None or self.writer.closed:
+        """The end of the fit: the series closed on rank 0, its figures shared with every rank (each rank on its
+        own after an exception: another may be gone)."""
+        if self.schedule is None or self._finished:
             return
-        try:
-            self.capture.close()
-            self.writer.close()
-        finally:
-            self.final_projected = self.schedule.due_bytes()
-            self.series.summary = {"projected_bytes": self.final_projected,
-                                   "forecast": self.forecast.to_dict() if self.forecast else None}
-            self.series.write_manifest("failed" if failed else "finished")
+        self._finished = True
+        if failed is not None:
+            if self.series is not None:
+                self._close_series(failed)
+        else:
+            self.reported = decide_on_rank_zero(trainer.strategy, lambda: self._close_series(None))
+        self.final_projected = self.schedule.due_bytes()
+        if self.series is None:
+            return
         step = logger_step(trainer)
         self._log(trainer, step)
         reason = " (run stopped by an exception)" if failed else (f" ({self.stop_reason})" if self.stop_reason else "")
@@ -421,6 +436,20 @@ class FitSession:
             log_events(wandb, self.series.events, step)
             log_summary_line(wandb, line)
         rank_zero_info(line)
+
+    def _close_series(self, failed: BaseException | None) -> dict:
+        """Rank 0: the last snapshots written, the files checked, the manifest final; the figures every rank reports."""
+        try:
+            self.capture.close()
+            self.writer.close()
+            self._check_files()
+        finally:
+            self.series.summary = {"projected_bytes": self.schedule.due_bytes(),
+                                   "forecast": self.forecast.to_dict() if self.forecast else None}
+            self.series.write_manifest("failed" if failed else "finished")
+        s = self.series
+        return {"bytes_written": s.bytes_written, "files": len(s.files), "dropped": s.dropped, "lost": s.lost,
+                "missing": s.missing}
 
     def close(self) -> None:
         """Teardown: the writer stopped, the lock released, the model no longer referenced."""
@@ -456,13 +485,15 @@ class FitSession:
             return self.final_projected
         if self.idle is not None:
             return self.idle["projected_bytes"]
-        if self.series is None:
+        if self.schedule is None:
             return 0
-        return self.series.schedule.projected_bytes(self.facts.final_step)
+        return self.schedule.projected_bytes(self.facts.final_step)
 
     def bytes_written(self) -> int:
         if self.series is not None:
             return self.series.bytes_written
+        if self.reported is not None:  # another rank: rank 0's figures, shared at the end of the fit
+            return self.reported["bytes_written"]
         return self.idle["bytes_written"] if self.idle is not None else 0
 
     def summary(self) -> str:
@@ -475,16 +506,23 @@ class FitSession:
                     f"Trainer's limit); the series holds {format_bytes(i['bytes_written'])} "
                     f"({i['bytes_written']:,} B) in {i['files']} file(s), projected {i['projected_bytes']:,} B, "
                     f"difference {i['bytes_written'] - i['projected_bytes']:+,} B")
-        if series is None:
+        if series is not None:
+            figures = {"bytes_written": series.bytes_written, "files": len(series.files), "dropped": series.dropped,
+                       "lost": series.lost, "missing": series.missing}
+            who, parts = "", ([f"back-pressure {self.capture.stats.backpressure_seconds:.2f} s"]
+                              if self.capture is not None else [])
+        elif self.reported is not None:
+            figures, who, parts = self.reported, " (rank 0 writes the series; its figures)", []
+        else:
             return "budget-callback summary: no snapshots (the series did not start)"
-        due, actual = self.schedule.due_bytes(), series.bytes_written
+        due, actual = self.schedule.due_bytes(), figures["bytes_written"]
         s = self.schedule
-        extra = ""
         if self.capture is not None:
-            extra = (f"; back-pressure {self.capture.stats.backpressure_seconds:.2f} s, dropped {series.dropped}, "
-                     f"lost to a full disk {series.lost}")
-        return (f"budget-callback summary: snapshots projected {format_bytes(due)} ({due:,} B) by step "
-                f"{s.last_step}, actual {format_bytes(actual)} ({actual:,} B) in {len(series.files)} file(s), "
+            parts += [f"dropped {figures['dropped']}", f"lost to a full disk {figures['lost']}"]
+            parts += [f"removed by something else {figures['missing']}"] if figures["missing"] else []
+        extra = "; " + ", ".join(parts) if parts else ""
+        return (f"budget-callback summary{who}: snapshots projected {format_bytes(due)} ({due:,} B) by step "
+                f"{s.last_step}, actual {format_bytes(actual)} ({actual:,} B) in {figures['files']} file(s), "
                 f"difference {actual - due:+,} B; save_every_n_steps={s.interval}{' (paused)' if s.paused else ''}"
                 f"{extra}{self._against_forecast()}")
 

@@ -16,6 +16,7 @@ temporaries) and starts the series.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from .directory import (DirectoryScan, Edit, SnapshotFile, apply_edits, atomic_write_bytes, clean_temporaries,
                         is_disk_full, plan_removal, plan_truncation, scan)
-from .format import MANIFEST, SNAPSHOT_FORMAT, SnapshotLayout
+from .format import MANIFEST, SNAPSHOT_FORMAT, SnapshotLayout, snapshot_name
 from .schedule import Placement, Schedule, Segment
 
 STATE_VERSION = 2
@@ -53,6 +54,7 @@ class Series:
         self.files: dict[int, tuple[int, int]] = dict(files or {})  # first step -> (snapshots, bytes) on disk
         self.dropped = 0
         self.lost = 0  # snapshots lost to a full disk
+        self.missing = 0  # snapshots whose file something else removed or changed (seen at checkpoints and the end)
         self.events: list[dict] = []
         self.summary: dict = {}  # figures added at the end of the fit (projected bytes, forecast)
         self._lock = threading.RLock()
@@ -108,6 +110,27 @@ class Series:
             self.lost += len(steps)
             self.events.append({"step": steps[0], "event": "disk_full", "reason": reason, "snapshots": len(steps)})
 
+    def check_files(self) -> list[str]:
+        """Stat every file the series has on disk (the writer idle); one removed or changed by something else is
+        no longer counted: its snapshots are lost. Returns the names of those files, with what was found."""
+        gone = []
+        with self._lock:
+            for first, (count, size) in list(self.files.items()):
+                path = self.directory / snapshot_name(first)
+                try:
+                    found = os.stat(path).st_size
+                except FileNotFoundError:
+                    found = None
+                if found == size:
+                    continue
+                del self.files[first]
+                self.missing += count
+                gone.append(f"{path.name} ({'missing' if found is None else f'{found:,} B, written {size:,} B'})")
+            if gone:
+                self.events.append({"step": self.schedule.last_step, "event": "files_missing",
+                                    "files": gone[:10], "count": len(gone)})
+        return gone
+
     # --- plain state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The callback's checkpoint state: small and plain. It agrees with the files whenever it is taken: in the
@@ -139,6 +162,7 @@ class Series:
                 "bytes_written": sum(size for _, size in self.files.values()),
                 "snapshots_dropped": self.dropped,
                 "snapshots_lost": self.lost,
+                "snapshots_missing": self.missing,
                 "events": list(self.events),
                 **self.summary,
             }
