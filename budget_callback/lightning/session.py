@@ -21,7 +21,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..errors import BudgetExceededError
+from ..errors import BudgetExceededError, SnapshotWriteError
 from ..forecast import disk_guard
 from ..forecast.engine import Forecast
 from ..forecast.report import REPORT_TITLE, render
@@ -35,6 +35,7 @@ from . import inputs as R
 from .capture import Capture
 from .config import BudgetConfig
 from .distributed import decide_on_rank_zero, on_every_rank
+from .notice import FailureNotice, new_token
 from .locate import MatrixSource, find_embedding, find_unembedding, is_tied
 from .planning import FitFacts, capture_device_bytes, plan_fit
 from .tracking import RunTracker, logger_step, should_log
@@ -91,6 +92,8 @@ class FitSession:
         self._in_step = False  # inside this callback's batch end (a signal handler may checkpoint there)
         self._flush_after_step = False
         self._finished = False
+        self.notice: FailureNotice | None = None
+        self._copy_error: BaseException | None = None
         self.reported: dict | None = None  # rank 0's end-of-fit figures, on every rank
 
     # --- setup: checks that need no run, and the lock ---------------------------------------------------
@@ -118,6 +121,8 @@ class FitSession:
         if self is None:
             return
         try:
+            if self.notice is not None:
+                self.notice.close()
             if self.writer is not None and not self.writer.closed:
                 try:
                     self.capture.close()
@@ -160,8 +165,12 @@ class FitSession:
                                       + " | ".join(failed))
         if result.decision == "warn":
             warnings.warn("budget-callback: " + " | ".join(failed), stacklevel=2)
-        state = decide_on_rank_zero(strategy, lambda: self._open(trainer, plan, result, layout, stride))
-        self.schedule = self.series.schedule if self.series else Schedule.from_state(layout, state)
+        opened = decide_on_rank_zero(strategy, lambda: self._open(trainer, plan, result, layout, stride))
+        self.schedule = self.series.schedule if self.series else Schedule.from_state(layout, opened["schedule"])
+        if trainer.world_size > 1:  # rank 0's writer failure reaches every rank (see .notice)
+            self.notice = FailureNotice(trainer.global_rank, trainer.world_size, opened["notice"])
+            if self.writer is not None:
+                self.writer.hold_errors = self.notice.available
         writers = R.weight_writers(trainer, module)
         writers += [f"{type(module).__name__}.training_step writes {name} in place (seen in the traced step)"
                     for name in (result.model or {}).get("written_in_step", [])]
@@ -262,7 +271,7 @@ class FitSession:
             self.series.event({"step": step, "event": "warning", "detail": text})
         self.writer = SnapshotWriter(self.series)
         self.writer.start(open_file)
-        return schedule.state()
+        return {"schedule": schedule.state(), "notice": new_token()}
 
     # --- every batch end --------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -291,8 +300,9 @@ class FitSession:
             def ready(image, event, release):
                 writer.submit(placement, image, event, release)
             # every rank takes part in gathering a sharded W; the writing rank copies off the training thread
-            if not self.capture.take(ready, placement.step, placement.every) and self.writer is not None:
-                self.series.record_dropped(step)
+            with self._holding_copy_errors():
+                if not self.capture.take(ready, placement.step, placement.every) and self.writer is not None:
+                    self.series.record_dropped(step)
 
     def on_step(self, trainer: pl.Trainer) -> None:
         with self._recording():
@@ -300,6 +310,7 @@ class FitSession:
 
     def _batch_end(self, trainer: pl.Trainer) -> None:
         step = trainer.global_step
+        self._stop_if_rank_zero_failed(step)
         stepped = step > self.schedule.last_step
         if stepped:
             self.tracker.tick()
@@ -313,6 +324,25 @@ class FitSession:
             self._guard(trainer, step)
         if stepped and should_log(trainer):
             self._log(trainer, logger_step(trainer))
+
+    def _stop_if_rank_zero_failed(self, step: int) -> None:
+        """Several ranks: rank 0's writer failure stops every rank at the same batch end, with its cause."""
+        notice = self.notice
+        if notice is None or not notice.available:
+            return
+        if self.writer is None:
+            cause = notice.stop_here(step)
+            if cause is not None:
+                raise SnapshotWriteError(f"budget-callback: rank 0's snapshot writer failed ({cause}); every rank "
+                                         f"stops at step {notice.stop_at}")
+            return
+        err = self.writer.error or self._copy_error
+        if err is None:
+            return
+        notice.post(repr(err))
+        stop = notice.stop_step(step)
+        if step >= stop:
+            raise SnapshotWriteError(f"the snapshot writer failed: {err!r}; every rank stops at step {stop}") from err
 
     def _ran_past_forecast(self, step: int) -> None:
         """The run took more steps than the forecast counted (the Trainer's limits changed, or a count was
@@ -375,7 +405,18 @@ class FitSession:
     def before_optimizer_step(self) -> None:
         """The copy of W taken at the last snapshot has read W before the optimizer changes it."""
         if self.capture is not None:
-            self.capture.wait()
+            with self._holding_copy_errors():
+                self.capture.wait()
+
+    @contextlib.contextmanager
+    def _holding_copy_errors(self):
+        """Several ranks: a copy that failed on rank 0 waits for the next batch end, where every rank stops."""
+        try:
+            yield
+        except SnapshotWriteError as err:
+            if self.writer is None or not self.writer.hold_errors:
+                raise
+            self._copy_error = self._copy_error or err
 
     # --- checkpoints ----------------------------------------------------------------------------------------
     def before_checkpoint(self) -> None:
@@ -422,6 +463,8 @@ class FitSession:
             if self.series is not None:
                 self._close_series(failed)
         else:
+            if self.notice is not None:
+                self.notice.end()
             self.reported = decide_on_rank_zero(trainer.strategy, lambda: self._close_series(None))
         self.final_projected = self.schedule.due_bytes()
         if self.series is None:
@@ -442,6 +485,8 @@ class FitSession:
         try:
             self.capture.close()
             self.writer.close()
+            if self.writer.error is not None:  # held for the other ranks: theirs too now (decide_on_rank_zero)
+                raise SnapshotWriteError(f"the snapshot writer failed: {self.writer.error!r}") from self.writer.error
             self._check_files()
         finally:
             self.series.summary = {"projected_bytes": self.schedule.due_bytes(),
@@ -453,6 +498,8 @@ class FitSession:
 
     def close(self) -> None:
         """Teardown: the writer stopped, the lock released, the model no longer referenced."""
+        if self.notice is not None:
+            self.notice.close()
         if self._at_exit is not None:
             self._at_exit.cancel()
             self._at_exit = None

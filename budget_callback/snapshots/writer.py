@@ -93,6 +93,7 @@ class SnapshotWriter:
         self._manifest_at = 0.0
         self._thread = threading.Thread(target=self._run, name="budget-callback-writer", daemon=True)
         self.closed = False
+        self.hold_errors = False  # True: the error waits in `error` for the caller (several ranks stop together)
 
     # --- training-thread side ---------------------------------------------------------------
     def start(self, open_file: SnapshotFile | None = None) -> None:
@@ -142,9 +143,14 @@ class SnapshotWriter:
         with self._bytes_lock:
             return self.series.bytes_written + self._uncommitted
 
+    @property
+    def error(self) -> BaseException | None:
+        """The writer thread's error, if it stopped on one."""
+        return self._error
+
     def check(self) -> None:
-        """Raise the writer thread's error, with its cause, in the calling thread."""
-        if self._error is not None:
+        """Raise the writer thread's error, with its cause, in the calling thread (unless ``hold_errors``)."""
+        if self._error is not None and not self.hold_errors:
             err, self._error = self._error, None
             raise SnapshotWriteError(f"the snapshot writer failed: {err!r}") from err
 
@@ -159,7 +165,10 @@ class SnapshotWriter:
             try:
                 if item is None:
                     return
-                self._safely(lambda: self._handle(item))
+                if self._error is not None and item.release is not None:
+                    item.release()  # stopped on an error: nothing more is written, the buffer goes back
+                else:
+                    self._safely(lambda: self._handle(item))
             finally:
                 self._queue.task_done()
 
@@ -169,6 +178,10 @@ class SnapshotWriter:
                 work()
         except BaseException as err:  # noqa: BLE001 - surfaced by check() on the training thread
             self._error = err
+            try:  # the complete files waiting for their group commit are not lost with it
+                self._commit()
+            except BaseException:  # noqa: BLE001 - the first error is the one reported
+                pass
 
     def _handle(self, item: _Item) -> None:
         if isinstance(item.placement, str):  # flush marker
