@@ -141,6 +141,11 @@ class BudgetCallback(Callback):
             states = checkpoint.get("callbacks", {}) or {}
             self._fit.checkpoint_dirs = [str(v.get("snapshot_dir", k)) if isinstance(v, dict) else k
                                          for k, v in states.items() if str(k).startswith("BudgetCallback")]
+            if self.state_key not in states:  # written with another spelling of this directory (a symbolic link)
+                same = [v for k, v in states.items() if str(k).startswith("BudgetCallback") and isinstance(v, dict)
+                        and v.get("snapshot_dir") and os.path.realpath(v["snapshot_dir"]) == str(self.snapshot_dir)]
+                if len(same) == 1:
+                    self._fit.restored = dict(same[0])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._fit is not None:

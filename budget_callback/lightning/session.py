@@ -10,10 +10,12 @@ Decisions are made on rank 0 and shared (:mod:`.distributed`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import multiprocessing.util
 import os
 import shutil
+import tempfile
 import warnings
 import weakref
 from pathlib import Path
@@ -36,7 +38,7 @@ from .capture import Capture
 from .config import BudgetConfig
 from .distributed import decide_on_rank_zero, on_every_rank
 from .notice import FailureNotice, new_token
-from .locate import MatrixSource, find_embedding, find_unembedding, is_tied
+from .locate import MatrixSource, choice_note, find_embedding, find_unembedding, is_tied
 from .planning import FitFacts, capture_device_bytes, plan_fit
 from .tracking import RunTracker, logger_step, should_log
 from .wandb_panels import log_charts, log_events, log_forecast, log_summary_line, wandb_loggers
@@ -92,12 +94,17 @@ class FitSession:
         self._in_step = False  # inside this callback's batch end (a signal handler may checkpoint there)
         self._flush_after_step = False
         self._finished = False
+        self._overflow_warned = False
         self.notice: FailureNotice | None = None
         self._copy_error: BaseException | None = None
         self.reported: dict | None = None  # rank 0's end-of-fit figures, on every rank
+        self.scratch: Path | None = None  # fast_dev_run: the series goes to this directory, removed at teardown
+        self.smoke = False  # a fast_dev_run fit
 
     # --- setup: checks that need no run, and the lock ---------------------------------------------------
     def setup(self, trainer: pl.Trainer) -> None:
+        from ..snapshots.directory import DirectoryLock
+
         def check() -> None:
             directory = self.config.snapshot_dir
             if directory.exists() and not directory.is_dir():
@@ -107,10 +114,15 @@ class FitSession:
                 raise ValueError(f"`snapshot_dir` {str(directory)!r} cannot be made: {str(parent)!r} is a file")
             if not os.access(parent, os.W_OK):
                 raise ValueError(f"`snapshot_dir` {str(directory)!r} is not writable")
+            if trainer.fast_dev_run:  # a smoke test runs everything but owns no series: a scratch directory beside
+                self.scratch = Path(tempfile.mkdtemp(prefix=".budget-callback-fast-dev-run-", dir=parent))
+                self.config = dataclasses.replace(self.config, snapshot_dir=self.scratch)
+                self.lock = DirectoryLock(self.scratch)
             self.lock.acquire()
             # Lightning calls no hook in a ddp_spawn worker whose fit raised: finish there as the process exits
             self._at_exit = multiprocessing.util.Finalize(self, FitSession._abandoned, args=(weakref.ref(self),),
                                                           exitpriority=100)
+        self.smoke = bool(trainer.fast_dev_run)
         decide_on_rank_zero(trainer.strategy, check)
 
     @staticmethod
@@ -131,6 +143,7 @@ class FitSession:
                     self.series.write_manifest("failed")
         finally:
             self.lock.release()
+            self._remove_scratch()
 
     # --- before the first step: forecast, decide, open the series, start the writer ---------------------------
     def start(self, trainer: pl.Trainer, module: pl.LightningModule, batch) -> None:
@@ -148,6 +161,8 @@ class FitSession:
         def decide() -> Forecast:
             nonlocal plan
             plan = self._prepare(layout)
+            if choice_note(sources["unembedding"]):  # one of several candidates: say which, and how to choose
+                plan.warnings.append(choice_note(sources["unembedding"]))
             self._check_host_ram(layout)
             free = shutil.disk_usage(_existing_parent(self.config.snapshot_dir)).free + plan.reclaimable_bytes
             resume = plan.schedule.state() if plan.schedule is not None else None
@@ -318,6 +333,7 @@ class FitSession:
         if self.series is not None and trainer.world_size == 1 and self.series.lost > self._lost_seen:
             self._lost_seen = self.series.lost  # a write hit a full disk: look again now (one process only)
             self.next_check_step = step
+        self._warn_overflow()
         if stepped and step > self.facts.final_step and not self._past_forecast:
             self._ran_past_forecast(step)
         if stepped and step >= self.next_check_step and not self.schedule.paused and self.stop_reason is None:
@@ -343,6 +359,17 @@ class FitSession:
         stop = notice.stop_step(step)
         if step >= stop:
             raise SnapshotWriteError(f"the snapshot writer failed: {err!r}; every rank stops at step {stop}") from err
+
+    def _warn_overflow(self) -> None:
+        """Once per fit, on the training thread: float16 snapshots hold infinities where W did not."""
+        if self.series is None or not self.series.overflowed or self._overflow_warned:
+            return
+        self._overflow_warned = True
+        first = next(e for e in self.series.events if e["event"] == "float16_overflow")
+        warnings.warn(f"budget-callback: the snapshot of step {first['step']} holds {first['values']:,} infinite "
+                      "value(s): W has entries beyond float16's range (|w| > 65,504). Snapshots with them are counted "
+                      "(manifest: snapshots_float16_overflow); pass snapshot_dtype='bfloat16' or 'float32' to keep "
+                      "them finite", stacklevel=2)
 
     def _ran_past_forecast(self, step: int) -> None:
         """The run took more steps than the forecast counted (the Trainer's limits changed, or a count was
@@ -488,6 +515,7 @@ class FitSession:
             if self.writer.error is not None:  # held for the other ranks: theirs too now (decide_on_rank_zero)
                 raise SnapshotWriteError(f"the snapshot writer failed: {self.writer.error!r}") from self.writer.error
             self._check_files()
+            self._warn_overflow()
         finally:
             self.series.summary = {"projected_bytes": self.schedule.due_bytes(),
                                    "forecast": self.forecast.to_dict() if self.forecast else None}
@@ -510,6 +538,13 @@ class FitSession:
                 self.writer.close()
         finally:
             self.lock.release()
+            self._remove_scratch()
+
+    def _remove_scratch(self) -> None:
+        """fast_dev_run: the scratch series goes with the fit (its figures stay readable on the callback)."""
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
 
     def note_idle(self) -> None:
         """At teardown of a fit in which no batch ran (resumed from a checkpoint already at the Trainer's
@@ -556,8 +591,8 @@ class FitSession:
         if series is not None:
             figures = {"bytes_written": series.bytes_written, "files": len(series.files), "dropped": series.dropped,
                        "lost": series.lost, "missing": series.missing}
-            who, parts = "", ([f"back-pressure {self.capture.stats.backpressure_seconds:.2f} s"]
-                              if self.capture is not None else [])
+            who = " (fast_dev_run: a scratch series, removed at the end; snapshot_dir untouched)" if self.smoke else ""
+            parts = [f"back-pressure {self.capture.stats.backpressure_seconds:.2f} s"] if self.capture else []
         elif self.reported is not None:
             figures, who, parts = self.reported, " (rank 0 writes the series; its figures)", []
         else:

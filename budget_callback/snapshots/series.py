@@ -15,13 +15,16 @@ temporaries) and starts the series.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..units import format_bytes
 from .directory import (DirectoryScan, Edit, SnapshotFile, apply_edits, atomic_write_bytes, clean_temporaries,
                         is_disk_full, plan_removal, plan_truncation, scan)
 from .format import MANIFEST, SNAPSHOT_FORMAT, SnapshotLayout, snapshot_name
@@ -55,6 +58,7 @@ class Series:
         self.dropped = 0
         self.lost = 0  # snapshots lost to a full disk
         self.missing = 0  # snapshots whose file something else removed or changed (seen at checkpoints and the end)
+        self.overflowed = 0  # float16 snapshots holding +-inf: W had values beyond float16's range (|w| > 65,504)
         self.events: list[dict] = []
         self.summary: dict = {}  # figures added at the end of the fit (projected bytes, forecast)
         self._lock = threading.RLock()
@@ -104,6 +108,13 @@ class Series:
         """A file is on disk (new, or a stacked file rewritten with more snapshots)."""
         with self._lock:
             self.files[first_step] = (count, size)
+
+    def record_overflow(self, step: int, values: int) -> None:
+        """A float16 snapshot holds ``values`` infinities (the event once: the count is in the manifest)."""
+        with self._lock:
+            self.overflowed += 1
+            if self.overflowed == 1:
+                self.events.append({"step": step, "event": "float16_overflow", "values": values})
 
     def record_lost(self, steps: list[int], reason: str) -> None:
         with self._lock:
@@ -163,6 +174,7 @@ class Series:
                 "snapshots_dropped": self.dropped,
                 "snapshots_lost": self.lost,
                 "snapshots_missing": self.missing,
+                "snapshots_float16_overflow": self.overflowed,
                 "events": list(self.events),
                 **self.summary,
             }
@@ -219,6 +231,23 @@ class SeriesPlan:
         gone = {e.path for e in self.edits if e.keep == 0}
         return [f for f in self.found.files if f.path not in gone]
 
+    def check_room(self, free_bytes: int) -> None:
+        """A resume cuts stacked files back to its checkpoint: each new copy is written while the old one is still
+        there. Refuse, before anything is touched, when the disk cannot hold the largest one after the deletions."""
+        by_path = {f.path: f for f in self.found.files}
+        cuts = [(e.path, _cut_size(self.layout, by_path[e.path], e.keep)) for e in self.edits if e.keep]
+        if not cuts:
+            return
+        room = free_bytes + sum(e.bytes_before for e in self.edits if e.keep == 0)
+        path, need = max(cuts, key=lambda c: c[1])
+        if need > room:
+            raise OSError(errno.ENOSPC, (
+                f"budget-callback: resuming needs {format_bytes(need)} ({need:,} B) free in {str(self.directory)!r} "
+                f"to cut {path.name} back to the checkpoint's step (its old copy stays until the new one is "
+                f"complete), and {format_bytes(room)} ({room:,} B) is free once the snapshots written after the "
+                f"checkpoint are removed. Free at least {format_bytes(need - room)} on that file system and resume "
+                "again; nothing was touched"))
+
     def commit(self, schedule: Schedule, launch_token: str | None = None, fsync: bool = True,
                requested_every: int | None = None) -> tuple[Series, list[str], SnapshotFile | None]:
         """Apply the planned edits, clean temporaries, start the series and write its manifest.
@@ -227,8 +256,10 @@ class SeriesPlan:
         to continue (its snapshots are the schedule's open ones), if any.
         """
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.check_room(shutil.disk_usage(self.directory).free + sum(p.stat().st_size for p in self.found.temporaries
+                                                                    if p.exists()))
         removed = clean_temporaries(self.found)
-        apply_edits(self.edits, self.found, self.layout, fsync)
+        apply_edits(sorted(self.edits, key=lambda e: e.keep != 0), self.found, self.layout, fsync)  # deletions first
         after = scan(self.directory) if self.edits else self.found
         files = {f.first_step: (f.count, f.size) for f in after.files} if self.resuming else {}
         series = Series(self.directory, self.layout, self.run_id, schedule, files, launch_token, fsync, requested_every)

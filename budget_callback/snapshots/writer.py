@@ -201,6 +201,10 @@ class SnapshotWriter:
         p, image = item.placement, item.image
         if item.event is not None:
             item.event.synchronize()
+        if self.layout.dtype == "float16":  # off the training thread: values beyond float16's range became inf
+            infinite = sum(int(torch.isinf(t).sum()) for t in image.tensors.values())
+            if infinite:
+                self.series.record_overflow(p.step, infinite)
         if not self.layout.stacked:  # the image is the file: written from where it lies
             self._write(image.header, list(image.tensors.values()), [p.step], p.every)
             return
