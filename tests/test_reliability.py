@@ -149,6 +149,38 @@ def test_a_snapshot_removed_by_hand_is_seen_at_the_next_checkpoint(tmp_path, rec
     record(seen_at=seen["step"], files=len(on_disk), bytes=cb.bytes_written, projected=cb.projected_bytes)
 
 
+def test_wandb_staging_on_the_snapshots_disk_is_counted_where_it_lands(tmp_path, monkeypatch, record):
+    """log_model="all": W&B copies each checkpoint into WANDB_DATA_DIR, here on the snapshots' 8 MiB tmpfs while
+    the checkpoints go elsewhere. Before: the forecast left the copies out, said "fits", and the run died in
+    wandb's shutil.copyfile with ENOSPC."""
+    import wandb
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import WandbLogger
+
+    with tmpfs(tmp_path / "disk", "8m") as disk:
+        monkeypatch.setenv("WANDB_DATA_DIR", str(disk / "wandb-data"))  # W&B offline from the environment
+        logger = WandbLogger(project="budget-test", save_dir=str(tmp_path), log_model="all")
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=10, save_top_k=-1)
+        cb = BudgetCallback(disk / "snaps", verbose=False)
+        t = trainer(tmp_path, [cb, ckpt], max_steps=20, logger=logger, enable_checkpointing=True, log_every_n_steps=5)
+        try:
+            t.fit(TinyLM(WIDE, optimizer="sgd"), token_loader(vocab=5000, n=400))
+        finally:
+            wandb.finish()
+        st = cb.forecast.storage
+        staged = sorted(p.stat().st_size for p in (disk / "wandb-data" / "artifacts" / "staging").iterdir())
+        checkpoints = [size for size in staged if size > 100_000]  # the rest: W&B's copies of the logged tables
+        assert len(checkpoints) == 2 and st["wandb_staging_bytes"] > 1_000_000, staged
+        assert abs(sum(checkpoints) - st["wandb_staging_bytes"]) < 0.001 * sum(checkpoints)  # the .ckpt estimate
+        assert sum(staged) - sum(checkpoints) < 100_000, staged
+        assert st["wandb_staging_on_disk_bytes"] == st["wandb_staging_bytes"]  # counted on this disk...
+        assert st["checkpoints_bytes"] > 0 and st["total_bytes"] == (  # ... the checkpoints, elsewhere, are not
+            st["snapshot_bytes"] + st["rewrite_headroom_bytes"] + st["wandb_staging_bytes"])
+        assert cb.forecast.decision == "downsampled" and t.global_step == 20
+        assert cb.bytes_written == cb.projected_bytes and cb.series.lost == 0
+        record(interval=cb.save_every_n_steps, staging_bytes=st["wandb_staging_bytes"], snapshots=cb.bytes_written)
+
+
 def test_abort_policy_stops_cleanly_through_the_trainer(tmp_path, record):
     with tmpfs(tmp_path / "disk", "8m") as disk:
         cb = BudgetCallback(disk / "snaps", on_exceed="abort", save_every_n_steps=3)

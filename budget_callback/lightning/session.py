@@ -27,6 +27,7 @@ from ..errors import BudgetExceededError, SnapshotWriteError
 from ..forecast import disk_guard
 from ..forecast.engine import Forecast
 from ..forecast.report import REPORT_TITLE, render
+from ..forecast.wandb_usage import staging_bytes_after
 from ..snapshots.format import MANIFEST, SnapshotLayout, host_buffer_bytes
 from ..snapshots.schedule import Schedule
 from ..snapshots.directory import scan
@@ -395,7 +396,7 @@ class FitSession:
             free = shutil.disk_usage(self.config.snapshot_dir).free
             on_disk = self.writer.on_disk_bytes
             return disk_guard.decide(self.series.schedule, final, free, self.config.disk_budget, on_disk,
-                                     self.config.on_exceed, self.forecast.storage["rewrite_headroom_bytes"])
+                                     self.config.on_exceed, self._headroom(step, final))
         decision = decide_on_rank_zero(trainer.strategy, decide)
         self.next_check_step = decision.next_check_step
         if decision.action == "ok" or (decision.action == "warn" and self._warned):
@@ -417,6 +418,14 @@ class FitSession:
         if self.series is not None:
             self.series.event(decision.to_event(step))
             self._log(trainer, logger_step(trainer))
+
+    def _headroom(self, step: int, final: int) -> int:
+        """Room the snapshots must leave: a stacked file rewritten bigger, and the copies W&B will still stage on
+        this file system (counted where they land, :func:`~budget_callback.lightning.inputs.logging_spec`)."""
+        st, spec = self.forecast.storage, self.forecast.inputs.logging
+        staging = staging_bytes_after(spec, step, final, st["checkpoint_bytes"]) if st["wandb_staging_on_disk_bytes"] \
+            else 0
+        return st["rewrite_headroom_bytes"] + staging
 
     def _log(self, trainer: pl.Trainer, step: int) -> None:
         if self.series is None or not trainer.loggers:
