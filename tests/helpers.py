@@ -87,6 +87,19 @@ def trainer(tmp_path, callbacks, max_steps: int = 6, **kwargs) -> L.Trainer:
     return L.Trainer(callbacks=callbacks, **options)
 
 
+def checkpointed_run(tmp_path, snaps, steps: int = 6, ckpt_every: int = 4, **kwargs):
+    """A run of TinyLM with BudgetCallback(snaps, **kwargs) checkpointing every ``ckpt_every`` steps into
+    ``tmp_path/ckpt``; returns (callback, the path of the checkpoint at step ``ckpt_every``)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from budget_callback import BudgetCallback
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=ckpt_every, save_top_k=-1)
+    cb = BudgetCallback(snaps, **kwargs)
+    trainer(tmp_path, [cb, ckpt], max_steps=steps, enable_checkpointing=True).fit(TinyLM(), token_loader(n=200))
+    return cb, str(next(p for p in (tmp_path / "ckpt").iterdir() if f"step={ckpt_every}" in p.name))
+
+
 def write_series(directory, layout, steps, every: int = 1, stride: int = 1, fill=None, run_id: str = "test-run"):
     """A real series written by the real writer: batch ends at ``steps``, snapshots where the schedule says.
 

@@ -9,8 +9,10 @@ deterministic on the CPU, so W after step s does not depend on where the run was
 
 import os
 import shutil
+import signal
 
 import pytest
+import torch
 from lightning.pytorch.callbacks import Callback, OnExceptionCheckpoint
 
 from budget_callback import BudgetCallback, SnapshotReader
@@ -155,3 +157,35 @@ def test_a_checkpoint_before_the_series_started_resumes_its_own_run(tmp_path, tm
     shutil.copytree(snaps, tmp_path / "pristine")
     _resume_matches(tmp_path, snaps, tmp_path / "pristine", str(ckpts / "before-on_train_batch_start.ckpt"),
                     reference, 1, 3)
+
+
+def test_a_checkpoint_by_a_signal_handler_inside_the_callbacks_own_batch_end(tmp_path, tmp_path_factory):
+    """A real signal arrives while BudgetCallback records step AT + 1 (it reads W there); the handler writes a
+    checkpoint, as Lightning's SLURM handler does. The queues may be held by the interrupted code: the checkpoint
+    carries the series before that batch end, made durable as the batch end finishes."""
+    reference = uninterrupted(tmp_path_factory, 1, 3)
+    holder = {}
+
+    def on_signal(signum, frame):
+        holder["trainer"].save_checkpoint(tmp_path / "signal.ckpt")
+
+    def unembedding(module):
+        if module.trainer.global_step == AT + 1 and not (tmp_path / "signal.ckpt").exists():
+            os.kill(os.getpid(), signal.SIGUSR2)  # handled at the next bytecode: inside this callback's hook
+            assert (tmp_path / "signal.ckpt").exists()
+        return module.model.lm_head.weight
+
+    snaps = tmp_path / "s"
+    cb = BudgetCallback(snaps, 1, "float32", 3, unembedding=unembedding, verbose=False, fsync=False)
+    t = trainer(tmp_path, [cb], max_steps=STEPS)
+    holder["trainer"] = t
+    previous = signal.signal(signal.SIGUSR2, on_signal)
+    try:
+        t.fit(seeded_lm(), same_batches(STEPS))
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    state = next(v for k, v in torch.load(tmp_path / "signal.ckpt", weights_only=False)["callbacks"].items()
+                 if k.startswith("BudgetCallback"))
+    assert state["schedule"]["last_step"] == AT  # the batch end being recorded is not in it
+    shutil.copytree(snaps, tmp_path / "pristine")
+    _resume_matches(tmp_path, snaps, tmp_path / "pristine", str(tmp_path / "signal.ckpt"), reference, 1, 3)

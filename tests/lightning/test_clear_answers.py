@@ -10,18 +10,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from budget_callback import BudgetCallback, SnapshotReader
-from helpers import TinyLM, tmpfs, token_loader, trainer
+from helpers import TinyLM, checkpointed_run, tmpfs, token_loader, trainer
 
 
 def _files(path):
     return sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
-
-
-def _checkpointed(tmp_path, snaps, steps=6, every=4, **kwargs):
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=every, save_top_k=-1)
-    cb = BudgetCallback(snaps, **kwargs)
-    trainer(tmp_path, [cb, ckpt], max_steps=steps, enable_checkpointing=True).fit(TinyLM(), token_loader(n=200))
-    return cb, str(next(p for p in (tmp_path / "ckpt").iterdir() if f"step={every}" in p.name))
 
 
 class TwoHeads(TinyLM):
@@ -74,7 +67,7 @@ def test_a_resume_through_a_symlink_then_the_real_path_is_one_series(tmp_path):
     """Before: the resume through the real path was refused as another run's directory."""
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
-    _, path = _checkpointed(tmp_path, tmp_path / "link", save_every_n_steps=2)
+    _, path = checkpointed_run(tmp_path, tmp_path / "link", save_every_n_steps=2)
     second = BudgetCallback(tmp_path / "real", save_every_n_steps=2)
     trainer(tmp_path, [second], max_steps=8).fit(TinyLM(), token_loader(n=200), ckpt_path=path)
     assert SnapshotReader(tmp_path / "real").steps == [2, 4, 6, 8]
@@ -87,7 +80,7 @@ def test_a_checkpoint_that_spelled_the_directory_through_a_symlink_still_resumes
     """A checkpoint written before links were resolved keys its state by the link's spelling."""
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
-    _, path = _checkpointed(tmp_path, tmp_path / "real", save_every_n_steps=2)
+    _, path = checkpointed_run(tmp_path, tmp_path / "real", save_every_n_steps=2)
     ckpt = torch.load(path, weights_only=False)
     ckpt["callbacks"] = {k.replace(str(tmp_path / "real"), str(tmp_path / "link")): {
         **v, "snapshot_dir": str(tmp_path / "link")} for k, v in ckpt["callbacks"].items()}
@@ -137,7 +130,7 @@ def test_the_reader_of_an_empty_directory_says_there_are_no_snapshots(tmp_path):
 
 def test_a_resume_with_overwrite_into_another_runs_directory_does_what_overwrite_says(tmp_path):
     """Before: refused, asking for overwrite=True, which had been passed."""
-    _, path = _checkpointed(tmp_path, tmp_path / "s")  # run A: checkpoint at step 4
+    _, path = checkpointed_run(tmp_path, tmp_path / "s")  # run A: checkpoint at step 4
     trainer(tmp_path, [BudgetCallback(tmp_path / "s", overwrite=True)], max_steps=3).fit(TinyLM(), token_loader())
     resumed = BudgetCallback(tmp_path / "s", overwrite=True)  # resume run A where run B's snapshots are
     with pytest.warns(UserWarning, match=r"held snapshots of run \w+, not of run \w+ .*overwrite=True replaced them"):
