@@ -23,6 +23,8 @@ import threading
 import uuid
 from datetime import timedelta
 
+from ..errors import SnapshotWriteError
+
 ACK_TIMEOUT = timedelta(seconds=120)  # bounds a rank that died: rank 0 raises anyway after this
 STORE_TIMEOUT = timedelta(seconds=60)  # the client's own operations (connect, get, set)
 WAKE = timedelta(seconds=1)  # a waiting thread wakes this often to see whether its fit has ended
@@ -73,6 +75,22 @@ class FailureNotice:
     @property
     def available(self) -> bool:
         return self.store is not None
+
+    def stop_if_failed(self, step: int, error: BaseException | None) -> None:
+        """At every batch end on every rank (``error``: rank 0's writer error, None elsewhere): raise where every
+        rank stops."""
+        if not self.available:
+            return
+        if self.rank != 0:
+            cause = self.stop_here(step)
+            if cause is not None:
+                raise SnapshotWriteError(f"budget-callback: rank 0's snapshot writer failed ({cause}); every rank "
+                                         f"stops at step {self.stop_at}")
+        elif error is not None:
+            self.post(repr(error))
+            if step >= self.stop_step(step):
+                raise SnapshotWriteError(f"the snapshot writer failed: {error!r}; every rank stops at step "
+                                         f"{self.stop_at}") from error
 
     # --- other ranks -----------------------------------------------------------------------------------
     def _watch(self) -> None:

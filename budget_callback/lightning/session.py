@@ -41,6 +41,7 @@ from .distributed import decide_on_rank_zero, on_every_rank
 from .notice import FailureNotice, new_token
 from .locate import MatrixSource, choice_note, find_embedding, find_unembedding, is_tied
 from .planning import FitFacts, capture_device_bytes, plan_fit
+from .summary import NOT_STARTED, idle_line, series_line
 from .tracking import RunTracker, logger_step, should_log
 from .wandb_panels import log_charts, log_events, log_forecast, log_summary_line, wandb_loggers
 
@@ -228,31 +229,8 @@ class FitSession:
             hint = (f"The checkpoint being resumed has no BudgetCallback state for this snapshot_dir (it has "
                     f"state for: {known}).")
         own = (self.restored or {}).get("pending_run_id")  # a checkpoint its run wrote before its series started
-        plan = prepare(self.config.snapshot_dir, layout, restored_series(self.restored), self.config.overwrite, hint,
-                       run_id=own or self.run_id, own_run_id=own)
-        self._interval_on_resume(plan)
-        return plan
-
-    def _interval_on_resume(self, plan: SeriesPlan) -> None:
-        """A resume that asks for another interval than its series was started with gets it from the resume on
-        (the disk is checked again: the forecast may raise it); one that asks the same keeps the series' interval
-        (which the disk guard may have raised)."""
-        if not plan.resuming:
-            return
-        asked, schedule = self.config.save_every_n_steps, plan.schedule
-        before = (restored_series(self.restored) or {}).get("requested_every")
-        if before is None:
-            if asked != schedule.interval:
-                plan.warnings.append(
-                    f"`save_every_n_steps`={asked}, but the series being resumed snapshots every {schedule.interval} "
-                    "steps and its checkpoint (written by an earlier version) does not say which interval was "
-                    f"requested: the series keeps {schedule.interval}")
-            return
-        if asked != before:
-            plan.warnings.append(f"`save_every_n_steps` changed from {before} (requested when the series started) to "
-                                 f"{asked}: the series snapshots every {asked} steps from step "
-                                 f"{schedule.last_step + 1} on")
-            schedule.change_interval(asked)
+        return prepare(self.config.snapshot_dir, layout, restored_series(self.restored), self.config.overwrite, hint,
+                       run_id=own or self.run_id, own_run_id=own, asked_every=self.config.save_every_n_steps)
 
     def _check_host_ram(self, layout: SnapshotLayout) -> None:
         K = layout.snapshots_per_file
@@ -344,22 +322,8 @@ class FitSession:
 
     def _stop_if_rank_zero_failed(self, step: int) -> None:
         """Several ranks: rank 0's writer failure stops every rank at the same batch end, with its cause."""
-        notice = self.notice
-        if notice is None or not notice.available:
-            return
-        if self.writer is None:
-            cause = notice.stop_here(step)
-            if cause is not None:
-                raise SnapshotWriteError(f"budget-callback: rank 0's snapshot writer failed ({cause}); every rank "
-                                         f"stops at step {notice.stop_at}")
-            return
-        err = self.writer.error or self._copy_error
-        if err is None:
-            return
-        notice.post(repr(err))
-        stop = notice.stop_step(step)
-        if step >= stop:
-            raise SnapshotWriteError(f"the snapshot writer failed: {err!r}; every rank stops at step {stop}") from err
+        if self.notice is not None:
+            self.notice.stop_if_failed(step, (self.writer.error or self._copy_error) if self.writer else None)
 
     def _warn_overflow(self) -> None:
         """Once per fit, on the training thread: float16 snapshots hold infinities where W did not."""
@@ -529,9 +493,7 @@ class FitSession:
             self.series.summary = {"projected_bytes": self.schedule.due_bytes(),
                                    "forecast": self.forecast.to_dict() if self.forecast else None}
             self.series.write_manifest("failed" if failed else "finished")
-        s = self.series
-        return {"bytes_written": s.bytes_written, "files": len(s.files), "dropped": s.dropped, "lost": s.lost,
-                "missing": s.missing}
+        return self.series.figures()
 
     def close(self) -> None:
         """Teardown: the writer stopped, the lock released, the model no longer referenced."""
@@ -589,43 +551,21 @@ class FitSession:
 
     def summary(self) -> str:
         """One line: projected vs actual snapshot bytes, the interval, and how the run compared with the
-        fit-start forecast."""
-        series = self.series
-        if series is None and self.idle is not None:
-            i = self.idle
-            return (f"budget-callback summary: no batch ran in this fit (resumed at step {i['last_step']}, the "
-                    f"Trainer's limit); the series holds {format_bytes(i['bytes_written'])} "
-                    f"({i['bytes_written']:,} B) in {i['files']} file(s), projected {i['projected_bytes']:,} B, "
-                    f"difference {i['bytes_written'] - i['projected_bytes']:+,} B")
-        if series is not None:
-            figures = {"bytes_written": series.bytes_written, "files": len(series.files), "dropped": series.dropped,
-                       "lost": series.lost, "missing": series.missing}
-            who = " (fast_dev_run: a scratch series, removed at the end; snapshot_dir untouched)" if self.smoke else ""
+        fit-start forecast (:mod:`.summary`)."""
+        if self.series is None and self.idle is not None:
+            return idle_line(self.idle)
+        if self.series is not None:
+            figures, who = self.series.figures(), self.SMOKE if self.smoke else ""
             parts = [f"back-pressure {self.capture.stats.backpressure_seconds:.2f} s"] if self.capture else []
         elif self.reported is not None:
             figures, who, parts = self.reported, " (rank 0 writes the series; its figures)", []
         else:
-            return "budget-callback summary: no snapshots (the series did not start)"
-        due, actual = self.schedule.due_bytes(), figures["bytes_written"]
-        s = self.schedule
-        if self.capture is not None:
-            parts += [f"dropped {figures['dropped']}", f"lost to a full disk {figures['lost']}"]
-            parts += [f"removed by something else {figures['missing']}"] if figures["missing"] else []
-        extra = "; " + ", ".join(parts) if parts else ""
-        return (f"budget-callback summary{who}: snapshots projected {format_bytes(due)} ({due:,} B) by step "
-                f"{s.last_step}, actual {format_bytes(actual)} ({actual:,} B) in {figures['files']} file(s), "
-                f"difference {actual - due:+,} B; save_every_n_steps={s.interval}{' (paused)' if s.paused else ''}"
-                f"{extra}{self._against_forecast()}")
+            return NOT_STARTED
+        forecast = (self.facts.final_step, self.forecast.storage["snapshot_bytes"]) \
+            if self.forecast is not None and self.facts is not None else None
+        return series_line(self.schedule, figures, who, parts, self.capture is not None, forecast)
 
-    def _against_forecast(self) -> str:
-        """How the run's length and bytes compare with the fit-start forecast, when they differ."""
-        f, last = self.forecast, self.schedule.last_step
-        if f is None or self.facts is None or last == self.facts.final_step:
-            return ""
-        planned = f.storage["snapshot_bytes"]
-        how = "ended early" if last < self.facts.final_step else "ran past the forecast"
-        return (f"; the fit-start forecast counted the run to step {self.facts.final_step}, "
-                f"{format_bytes(planned)} ({planned:,} B) of snapshots: it {how} at step {last}")
+    SMOKE = " (fast_dev_run: a scratch series, removed at the end; snapshot_dir untouched)"
 
 
 # --- a fit that ran in another process (ddp_spawn) --------------------------------------------------------

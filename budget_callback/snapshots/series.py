@@ -69,6 +69,12 @@ class Series:
         with self._lock:
             return sum(size for _, size in self.files.values())
 
+    def figures(self) -> dict:
+        """What the end-of-fit line says, as plain values (shared with the other ranks)."""
+        with self._lock:
+            return {"bytes_written": sum(size for _, size in self.files.values()), "files": len(self.files),
+                    "dropped": self.dropped, "lost": self.lost, "missing": self.missing}
+
     @property
     def snapshots_on_disk(self) -> int:
         with self._lock:
@@ -272,14 +278,16 @@ class SeriesPlan:
 
 
 def prepare(directory: Path, layout: SnapshotLayout, restored: dict | None, overwrite: bool,
-            checkpoint_hint: str = "", run_id: str | None = None, own_run_id: str | None = None) -> SeriesPlan:
+            checkpoint_hint: str = "", run_id: str | None = None, own_run_id: str | None = None,
+            asked_every: int | None = None) -> SeriesPlan:
     """Decide what this fit does with ``directory`` (reading only); refuse with what to do instead.
 
     ``restored``: the series state from the checkpoint being resumed (see :func:`restored_series`).
     ``checkpoint_hint``: words about the checkpoint for messages (e.g. which snapshot_dir it knows).
     ``run_id``: the id of a new series (default: a fresh one). ``own_run_id``: the run the checkpoint being
     resumed belongs to when it was written before that run's series started (its snapshots are all later
-    than the checkpoint: replaced, as a resume replaces what came after its checkpoint).
+    than the checkpoint: replaced, as a resume replaces what came after its checkpoint). ``asked_every``: the
+    interval this fit asks for (see :func:`_ask_interval`).
     """
     directory = Path(directory)
     found = scan(directory)
@@ -290,7 +298,28 @@ def prepare(directory: Path, layout: SnapshotLayout, restored: dict | None, over
             "callback did not write. Choose another snapshot_dir, or move that file away")
     if restored is None:
         return _fresh(directory, layout, found, overwrite, checkpoint_hint, run_id or new_run_id(), own_run_id)
-    return _resume(directory, layout, found, restored, overwrite)
+    plan = _resume(directory, layout, found, restored, overwrite)
+    if plan.resuming and asked_every is not None:
+        _ask_interval(plan, asked_every, restored.get("requested_every"))
+    return plan
+
+
+def _ask_interval(plan: SeriesPlan, asked: int, before: int | None) -> None:
+    """A resume that asks for another interval than its series was started with gets it from the resume on (the
+    disk is checked again: the forecast may raise it); one that asks the same keeps the series' interval (which the
+    disk guard may have raised). A checkpoint that does not say what was asked keeps it, and says so."""
+    schedule = plan.schedule
+    if before is None:
+        if asked != schedule.interval:
+            plan.warnings.append(
+                f"`save_every_n_steps`={asked}, but the series being resumed snapshots every {schedule.interval} "
+                "steps and its checkpoint (written by an earlier version) does not say which interval was "
+                f"requested: the series keeps {schedule.interval}")
+        return
+    if asked != before:
+        plan.warnings.append(f"`save_every_n_steps` changed from {before} (requested when the series started) to "
+                             f"{asked}: the series snapshots every {asked} steps from step {schedule.last_step + 1} on")
+        schedule.change_interval(asked)
 
 
 def _fresh(directory: Path, layout: SnapshotLayout, found: DirectoryScan, overwrite: bool, hint: str, run_id: str,

@@ -80,7 +80,7 @@ def test_checkpoint_flush_keeps_the_stack_open_and_rewrites_it_in_place(tmp_path
 
     series = _stack_with_a_checkpoint(tmp_path, 6, durable)
     assert sorted(series.files) == [1, 5] and series.files[1][0] == 4
-    assert series.bytes_written == series_bytes(layout, 6, 1)
+    assert series.bytes_written == series_bytes(STACKED, 6, 1)
 
 
 def _failing_at(monkeypatch, step, error):
