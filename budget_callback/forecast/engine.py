@@ -70,7 +70,7 @@ class PlanInputs:
     budgets: Budgets = Budgets()
     gpu: str | None = None
     mfu: float = DEFAULT_MFU
-    checkpoints_share_disk: bool = True  # checkpoints (and W&B staging, unless logging says) land on the snapshots' disk
+    checkpoints_share_disk: bool = True  # checkpoints (and W&B staging, unless logging says) share the snapshots' disk
     steps_per_batch: int = 1  # optimizer steps per batch (manual optimization with several optimizers)
     resume: dict | None = None  # the series' schedule state when resuming (see snapshots.schedule)
     capture_device_bytes: int | None = None  # accelerator bytes a snapshot needs; None: derived for a GPU run

@@ -52,8 +52,8 @@ class Series:
         self.schedule = schedule
         self.launch_token = launch_token
         self.fsync = fsync
-        self.requested_every = requested_every  # the interval the user asked for (a resume that asks another honours it)
-        self._before: tuple[dict, int] | None = None  # (schedule state, due bytes) before the batch end being recorded
+        self.requested_every = requested_every  # the interval asked for (a resume that asks another gets it)
+        self._before: dict | None = None  # the schedule's state before the batch end being recorded
         self.files: dict[int, tuple[int, int]] = dict(files or {})  # first step -> (snapshots, bytes) on disk
         self.dropped = 0
         self.lost = 0  # snapshots lost to a full disk
@@ -86,7 +86,7 @@ class Series:
         after an exception in between) carries the series as it was before it. The model such a checkpoint holds
         is W after that batch's optimizer step: the resume takes the snapshot again from it."""
         with self._lock:
-            self._before = (self.schedule.state(), self.schedule.due_bytes())
+            self._before = self.schedule.state()
 
     def end_step(self) -> None:
         with self._lock:
@@ -156,8 +156,8 @@ class Series:
             on_disk = sum(size for _, size in self.files.values())
             schedule = self.schedule.state()
             if self._before is not None:
-                schedule, due = self._before
-                on_disk = min(on_disk, due)  # a file of the unfinished batch end may already be there
+                schedule = self._before  # a file of the unfinished batch end may already be there: not counted
+                on_disk = min(on_disk, Schedule.from_state(self.layout, schedule).due_bytes())
             return {"version": STATE_VERSION, "run_id": self.run_id, "snapshot_dir": str(self.directory),
                     "layout": self.layout.to_dict(), "schedule": schedule, "bytes_on_disk": on_disk,
                     "files_on_disk": len(self.files), "requested_every": self.requested_every}
