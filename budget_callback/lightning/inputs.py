@@ -197,7 +197,9 @@ def logging_spec(trainer: pl.Trainer, steps: int, budget_metrics: int, console: 
 
 
 def _snapshot_dirs(trainer: pl.Trainer) -> list[Path]:
-    return [cb.snapshot_dir for cb in trainer.callbacks if type(cb).__name__ == "BudgetCallback"]
+    from .callback import BudgetCallback  # here: the callback imports this module
+
+    return [cb.snapshot_dir for cb in trainer.callbacks if isinstance(cb, BudgetCallback)]
 
 
 def wandb_staging_shares_disk(logger, snapshot_dirs: list[Path]) -> bool | None:
