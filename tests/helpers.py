@@ -66,12 +66,38 @@ def token_loader(vocab: int = 50, seq: int = 8, n: int = 64, batch: int = 4, see
     return DataLoader(TensorDataset(data[:, :-1], data[:, 1:]), batch_size=batch)
 
 
+def same_batches(steps: int, vocab: int = 50, seq: int = 8, batch: int = 4) -> DataLoader:
+    """``steps`` batches that all hold the same tokens: W after step s does not depend on which batches ran."""
+    g = torch.Generator().manual_seed(0)
+    row = torch.randint(0, vocab, (1, seq + 1), generator=g).repeat(batch * steps, 1)
+    return DataLoader(TensorDataset(row[:, :-1], row[:, 1:]), batch_size=batch)
+
+
+def seeded_lm(**kwargs) -> TinyLM:
+    """A TinyLM with the same initial weights in every process."""
+    torch.manual_seed(0)
+    return TinyLM(**kwargs)
+
+
 def trainer(tmp_path, callbacks, max_steps: int = 6, **kwargs) -> L.Trainer:
     options = dict(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
                    log_every_n_steps=1)
     options.update(kwargs)
     return L.Trainer(callbacks=callbacks, **options)
+
+
+def checkpointed_run(tmp_path, snaps, steps: int = 6, ckpt_every: int = 4, **kwargs):
+    """A run of TinyLM with BudgetCallback(snaps, **kwargs) checkpointing every ``ckpt_every`` steps into
+    ``tmp_path/ckpt``; returns (callback, the path of the checkpoint at step ``ckpt_every``)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from budget_callback import BudgetCallback
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=ckpt_every, save_top_k=-1)
+    cb = BudgetCallback(snaps, **kwargs)
+    trainer(tmp_path, [cb, ckpt], max_steps=steps, enable_checkpointing=True).fit(TinyLM(), token_loader(n=200))
+    return cb, str(next(p for p in (tmp_path / "ckpt").iterdir() if f"step={ckpt_every}" in p.name))
 
 
 def write_series(directory, layout, steps, every: int = 1, stride: int = 1, fill=None, run_id: str = "test-run"):

@@ -2,6 +2,7 @@
 two DDP processes, a read-only directory. Each test states what it checks."""
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -78,6 +79,106 @@ def test_enospc_on_real_tmpfs_leaves_no_partial_file(tmp_path, record):
         first = next(e for e in series.events if e["event"] == "disk_full")
         record(first_enospc_step=first["step"], snapshots_due=12 // cb.save_every_n_steps, failed=series.lost,
                readable=len(reader), partial=0, reached=t.global_step)
+
+
+class FullDuringCheckpoint(Callback):
+    """Another writer fills the disk to the last byte just before the checkpoint at ``at`` and frees it after."""
+
+    def __init__(self, path: Path, at: int):
+        self.path, self.at = path, at
+
+    def on_train_batch_end(self, trainer, *args):  # ModelCheckpoint runs after every other callback
+        if trainer.global_step == self.at:
+            with open(self.path, "wb") as fh:
+                try:
+                    fh.write(b"\0" * (64 << 20))
+                except OSError as err:
+                    assert err.errno == errno.ENOSPC
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == self.at:
+            self.path.unlink(missing_ok=True)
+
+
+def test_full_disk_at_a_checkpoint_loses_no_stacked_snapshot(tmp_path, record):
+    """snapshots_per_file=4 on a real 8 MiB tmpfs, full while the step-2 checkpoint writes the open file [1, 2].
+    Before: those snapshots were counted in budget/snapshots_failed although all 8 ended on disk."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    with tmpfs(tmp_path / "disk", "8m") as disk:
+        cb = BudgetCallback(disk / "snaps", snapshots_per_file=4, on_exceed="warn")
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+        t = trainer(tmp_path, [cb, FullDuringCheckpoint(disk / "other.bin", 2), ckpt], max_steps=8,
+                    enable_checkpointing=True, logger=CSVLogger(tmp_path))
+        t.fit(TinyLM(WIDE), token_loader(vocab=5000, n=400))
+        full = [e for e in cb.events if e["event"] == "disk_full"]
+        assert full and full[0]["snapshots"] == 0, cb.events  # the checkpoint could not write the open file
+        assert cb.series.lost == 0 and "lost to a full disk 0" in cb.summary()
+        reader = _all_load(disk / "snaps")
+        assert reader.steps == list(range(1, 9))
+        assert cb.bytes_written == cb.projected_bytes == sum(
+            os.path.getsize(disk / "snaps" / n) for n in os.listdir(disk / "snaps") if n.endswith(".safetensors"))
+        rows = (Path(t.logger.log_dir) / "metrics.csv").read_text().splitlines()
+        failed = rows[0].split(",").index("budget/snapshots_failed")
+        assert {r.split(",")[failed] for r in rows[1:]} - {""} == {"0"}
+        record(event=full[0]["reason"][:80], lost=0, readable=len(reader), bytes=cb.bytes_written)
+
+
+def test_a_snapshot_removed_by_hand_is_seen_at_the_next_checkpoint(tmp_path, record):
+    """Before: manifest and bytes_written kept counting the file until a resume found it gone."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class RemoveAt(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 5:
+                (tmp_path / "s" / "step_000000002.safetensors").unlink()
+
+    cb = BudgetCallback(tmp_path / "s")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    t = trainer(tmp_path, [cb, RemoveAt(), ckpt], max_steps=8, enable_checkpointing=True)
+    with pytest.warns(UserWarning, match=r"1 snapshot file\(s\) in .* were removed or changed by something else: "
+                                         r"step_000000002.safetensors \(missing\)"):
+        t.fit(TinyLM(), token_loader())
+    on_disk = [n for n in os.listdir(tmp_path / "s") if n.endswith(".safetensors")]
+    assert len(on_disk) == 7 and cb.bytes_written == sum(os.path.getsize(tmp_path / "s" / n) for n in on_disk)
+    seen = next(e for e in cb.events if e["event"] == "files_missing")
+    assert seen["step"] == 6  # the step-6 checkpoint, not a resume
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["files_written"] == 7 and manifest["bytes_written"] == cb.bytes_written
+    assert manifest["snapshots_missing"] == 1 and "removed by something else 1" in cb.summary()
+    record(seen_at=seen["step"], files=len(on_disk), bytes=cb.bytes_written, projected=cb.projected_bytes)
+
+
+def test_wandb_staging_on_the_snapshots_disk_is_counted_where_it_lands(tmp_path, monkeypatch, record):
+    """log_model="all": W&B copies each checkpoint into WANDB_DATA_DIR, here on the snapshots' 8 MiB tmpfs while
+    the checkpoints go elsewhere. Before: the forecast left the copies out, said "fits", and the run died in
+    wandb's shutil.copyfile with ENOSPC."""
+    import wandb
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import WandbLogger
+
+    with tmpfs(tmp_path / "disk", "8m") as disk:
+        monkeypatch.setenv("WANDB_DATA_DIR", str(disk / "wandb-data"))  # W&B offline from the environment
+        logger = WandbLogger(project="budget-test", save_dir=str(tmp_path), log_model="all")
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=10, save_top_k=-1)
+        cb = BudgetCallback(disk / "snaps", verbose=False)
+        t = trainer(tmp_path, [cb, ckpt], max_steps=20, logger=logger, enable_checkpointing=True, log_every_n_steps=5)
+        try:
+            t.fit(TinyLM(WIDE, optimizer="sgd"), token_loader(vocab=5000, n=400))
+        finally:
+            wandb.finish()
+        st = cb.forecast.storage
+        staged = sorted(p.stat().st_size for p in (disk / "wandb-data" / "artifacts" / "staging").iterdir())
+        checkpoints = [size for size in staged if size > 100_000]  # the rest: W&B's copies of the logged tables
+        assert len(checkpoints) == 2 and st["wandb_staging_bytes"] > 1_000_000, staged
+        assert abs(sum(checkpoints) - st["wandb_staging_bytes"]) < 0.001 * sum(checkpoints)  # the .ckpt estimate
+        assert sum(staged) - sum(checkpoints) < 100_000, staged
+        assert st["wandb_staging_on_disk_bytes"] == st["wandb_staging_bytes"]  # counted on this disk...
+        assert st["checkpoints_bytes"] > 0 and st["total_bytes"] == (  # ... the checkpoints, elsewhere, are not
+            st["snapshot_bytes"] + st["rewrite_headroom_bytes"] + st["wandb_staging_bytes"])
+        assert cb.forecast.decision == "downsampled" and t.global_step == 20
+        assert cb.bytes_written == cb.projected_bytes and cb.series.lost == 0
+        record(interval=cb.save_every_n_steps, staging_bytes=st["wandb_staging_bytes"], snapshots=cb.bytes_written)
 
 
 def test_abort_policy_stops_cleanly_through_the_trainer(tmp_path, record):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -64,6 +65,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _momentum(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0: no momentum buffer), got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="budget-callback", description="Forecast and guard the budgets of a Lightning run.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -87,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-nodes", type=_positive, default=1)
     run.add_argument("--precision", choices=list(PRECISIONS), default="bf16-mixed")
     run.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
-    run.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (0: no momentum buffer)")
+    run.add_argument("--momentum", type=_momentum, default=0.0, help="SGD momentum (0: no momentum buffer)")
     run.add_argument("--optimizer-impl", choices=OPTIMIZER_IMPLS, default="foreach")
     run.add_argument("--strategy", choices=STRATEGIES, default="ddp")
     run.add_argument("--flash-attention", action=argparse.BooleanOptionalAction, default=True)

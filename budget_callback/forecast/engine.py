@@ -70,7 +70,7 @@ class PlanInputs:
     budgets: Budgets = Budgets()
     gpu: str | None = None
     mfu: float = DEFAULT_MFU
-    checkpoints_share_disk: bool = True  # checkpoints and W&B staging land on the snapshots' file system
+    checkpoints_share_disk: bool = True  # checkpoints (and W&B staging, unless logging says) share the snapshots' disk
     steps_per_batch: int = 1  # optimizer steps per batch (manual optimization with several optimizers)
     resume: dict | None = None  # the series' schedule state when resuming (see snapshots.schedule)
     capture_device_bytes: int | None = None  # accelerator bytes a snapshot needs; None: derived for a GPU run
@@ -178,6 +178,9 @@ def _storage(inputs: PlanInputs, every: int, n_params: int, n_tensors: int, entr
     kept = inputs.logging.checkpoints_kept(inputs.steps)
     usage = wandb_usage(inputs.logging, inputs.steps, ckpt)
     per_file = min(snap.snapshots_per_file, max(1, count))
+    staging_shares = inputs.logging.staging_shares_disk
+    staging = usage["artifact_staging_bytes"] if (inputs.checkpoints_share_disk if staging_shares is None
+                                                  else staging_shares) else 0  # counted where it lands
     # a checkpoint writes the open stacked file as it stands, and later rewrites it bigger: while the new
     # copy is written the old one is still there
     rewrite = layout.file_bytes(every, per_file, every) if layout.stacked and inputs.logging.checkpoint_every_n_steps \
@@ -200,9 +203,9 @@ def _storage(inputs: PlanInputs, every: int, n_params: int, n_tensors: int, entr
         "checkpoints_kept": kept,
         "checkpoints_bytes": kept * ckpt,
         "wandb_staging_bytes": usage["artifact_staging_bytes"],
+        "wandb_staging_on_disk_bytes": staging,
         "rewrite_headroom_bytes": rewrite,
-        "total_bytes": snaps + rewrite + ((kept * ckpt + usage["artifact_staging_bytes"])
-                                          if inputs.checkpoints_share_disk else 0),
+        "total_bytes": snaps + rewrite + (kept * ckpt if inputs.checkpoints_share_disk else 0) + staging,
         "host_buffer_bytes": host_buffer_bytes(layout, snap.queue_depth),
         "scaling": scaling,
     }

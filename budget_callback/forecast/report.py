@@ -94,7 +94,9 @@ def render(f: Forecast) -> str:
         ("all snapshots (exact)", format_bytes(st["snapshot_bytes"])),
         ("one checkpoint", format_bytes(st["checkpoint_bytes"])),
         (f"checkpoints kept ({st['checkpoints_kept']})", format_bytes(st["checkpoints_bytes"])),
-        ("W&B staging copies", format_bytes(st["wandb_staging_bytes"])),
+        ("W&B staging copies" + ("" if st["wandb_staging_on_disk_bytes"] or not st["wandb_staging_bytes"]
+                                 else " (another file system: not in the total)"),
+         format_bytes(st["wandb_staging_bytes"])),
         ("stacked-file rewrite headroom", format_bytes(st["rewrite_headroom_bytes"])),
         ("total on disk", format_bytes(st["total_bytes"])),
         ("host RAM for the snapshot ring (at most)", format_bytes(st["host_buffer_bytes"]))])

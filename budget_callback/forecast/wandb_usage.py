@@ -43,6 +43,9 @@ class LoggingSpec:
     checkpoint_every_n_steps: int | None = None  # None: no checkpoints
     keep_checkpoints: int = 1  # ModelCheckpoint(save_top_k=...) files on disk at once
     log_model: str = "none"  # WandbLogger(log_model=...): "none" (False), "last" (True), "all"
+    # whether W&B's local staging copies of logged checkpoints (under WANDB_DATA_DIR, and the cache they move to
+    # after an upload) land on the snapshots' file system; None: where the checkpoints land
+    staging_shares_disk: bool | None = None
     console: ConsoleSpec | None = ConsoleSpec()  # what the run prints (W&B captures it); None: not captured
 
     def __post_init__(self) -> None:
@@ -63,6 +66,29 @@ class LoggingSpec:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "console": self.console.to_dict() if self.console is not None else None}
+
+
+def staging_bytes_after(spec: LoggingSpec, step: int, steps: int, checkpoint_bytes: int) -> int:
+    """Bytes W&B still copies into its staging area after optimizer step ``step`` of a run of ``steps``:
+    ``log_model="all"`` stages each checkpoint as it is saved, ``"last"`` the kept ones at the end."""
+    if spec.log_model == "all":
+        return (spec.checkpoints_written(steps) - spec.checkpoints_written(step)) * checkpoint_bytes
+    if spec.log_model == "last":
+        return spec.checkpoints_kept(steps) * checkpoint_bytes if step < steps else 0
+    return 0
+
+
+# wandb-core writes ``run-*.wandb`` as a LevelDB-style log: a 7-byte header, then whole 32 KiB blocks, each written
+# when it fills; the last, partial block only when the run finishes. While the run lives, its size on disk is a
+# multiple of the block (or the header alone).
+RUN_FILE_BLOCK_BYTES = 32_768
+RUN_FILE_HEADER_BYTES = 7
+
+
+def run_file_bytes_on_disk(run_file_bytes: int) -> int:
+    """The size ``run-*.wandb`` has on disk while the run lives, once ``run_file_bytes`` have been logged to it."""
+    blocks = run_file_bytes // RUN_FILE_BLOCK_BYTES
+    return blocks * RUN_FILE_BLOCK_BYTES if blocks else RUN_FILE_HEADER_BYTES
 
 
 def wandb_usage(spec: LoggingSpec, steps: int, checkpoint_bytes: int, run_seconds: float | None = None

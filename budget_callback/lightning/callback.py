@@ -38,7 +38,10 @@ class BudgetCallback(Callback):
 
     Each fit starts fresh. A directory holding snapshots is continued only by the run that wrote them,
     resumed from its checkpoint (``trainer.fit(..., ckpt_path=...)``); anything else is refused before
-    anything in it is touched, unless ``overwrite=True``. The directory is locked for the whole fit.
+    anything in it is touched, unless ``overwrite=True``. The directory is locked for the whole fit. A
+    checkpoint taken at any moment (any hook, an exception, a signal handler) resumes to the files of a run
+    never interrupted; a resume that asks for another ``save_every_n_steps`` gets it from the resume on.
+    Under ``fast_dev_run`` the series goes to a scratch directory, removed at the end.
 
     Logs to every logger, in the row of the user's metrics for that step: ``budget/disk_projected_bytes``,
     ``budget/disk_actual_bytes``, ``budget/save_every_n_steps``, ``budget/snapshots_dropped``,
@@ -50,7 +53,12 @@ class BudgetCallback(Callback):
         ValueError: a bad argument (named), a directory that cannot be used, a resume that does not match.
         BudgetExceededError: a budget cannot be met under the policy (before the first step, nothing written).
         SnapshotDirInUseError: another fit holds snapshot_dir (the message names it).
-        SnapshotWriteError: the writer failed (raised at the next step, with the cause).
+        SnapshotWriteError: the writer failed (raised at the next step, with the cause; under several
+            processes on every rank at the same batch end).
+        OSError: ENOSPC with the path and the bytes needed, when a resume cannot cut its files back.
+
+    Warns (once each, and an event): the recorded W was one of several candidates (naming the others);
+    float16 snapshots hold infinities; snapshot files were removed or changed by something else.
     """
 
     def __init__(
@@ -141,6 +149,11 @@ class BudgetCallback(Callback):
             states = checkpoint.get("callbacks", {}) or {}
             self._fit.checkpoint_dirs = [str(v.get("snapshot_dir", k)) if isinstance(v, dict) else k
                                          for k, v in states.items() if str(k).startswith("BudgetCallback")]
+            if self.state_key not in states:  # written with another spelling of this directory (a symbolic link)
+                same = [v for k, v in states.items() if str(k).startswith("BudgetCallback") and isinstance(v, dict)
+                        and v.get("snapshot_dir") and os.path.realpath(v["snapshot_dir"]) == str(self.snapshot_dir)]
+                if len(same) == 1:
+                    self._fit.restored = dict(same[0])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._fit is not None:

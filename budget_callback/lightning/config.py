@@ -16,7 +16,8 @@ from ..validate import boolean, one_of, positive_int
 
 @dataclass(frozen=True)
 class BudgetConfig:
-    """What the user asked for. Sizes are ints of bytes; ``snapshot_dir`` is absolute (resolved once)."""
+    """What the user asked for. Sizes are ints of bytes; ``snapshot_dir`` is absolute, symbolic links resolved
+    (once)."""
 
     snapshot_dir: Path
     save_every_n_steps: int = 1
@@ -57,7 +58,8 @@ class BudgetConfig:
         positive_int("queue_depth", queue_depth)
         one_of("when_behind", when_behind, WHEN_BEHIND)
         return cls(
-            snapshot_dir=Path(os.path.abspath(os.path.expanduser(os.fsdecode(os.fspath(snapshot_dir))))),
+            # symbolic links resolved: a link and the directory it points to are one series, one state key
+            snapshot_dir=Path(os.path.realpath(os.path.expanduser(os.fsdecode(os.fspath(snapshot_dir))))),
             save_every_n_steps=save_every_n_steps, snapshot_dtype=snapshot_dtype,
             snapshots_per_file=snapshots_per_file, unembedding=unembedding, include_embedding=include_embedding,
             disk_budget=None if disk_budget is None else parse_size(disk_budget, "disk_budget"),

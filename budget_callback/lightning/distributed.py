@@ -16,7 +16,8 @@ from ..errors import BudgetExceededError, SnapshotDirInUseError, SnapshotWriteEr
 
 T = TypeVar("T")
 # error types re-raised as themselves on the other ranks (constructible from a message)
-_SHARED_TYPES = {cls.__name__: cls for cls in (BudgetExceededError, SnapshotDirInUseError, ValueError, FileNotFoundError)}
+_SHARED_TYPES = {cls.__name__: cls for cls in (BudgetExceededError, SnapshotDirInUseError, SnapshotWriteError,
+                                                ValueError, FileNotFoundError)}
 
 
 def _error_on_other_rank(kind: str, message: str) -> BaseException:

@@ -181,16 +181,44 @@ def logging_spec(trainer: pl.Trainer, steps: int, budget_metrics: int, console: 
             dirs.append(Path(cb.dirpath))
         elif trainer.default_root_dir:
             dirs.append(Path(trainer.default_root_dir))
-    log_model = "none"
+    log_model, staging = "none", None
     for logger in trainer.loggers:
         value = getattr(logger, "_log_model", None)  # WandbLogger keeps it privately
         if value == "all":
             log_model = "all"
         elif value:
             log_model = "last"
+        if value:
+            staging = wandb_staging_shares_disk(logger, _snapshot_dirs(trainer))
     spec = LoggingSpec(log_every_n_steps=max(1, int(trainer.log_every_n_steps)), checkpoint_every_n_steps=every,
-                       keep_checkpoints=keep, log_model=log_model, budget_metrics=budget_metrics, console=console)
+                       keep_checkpoints=keep, log_model=log_model, budget_metrics=budget_metrics, console=console,
+                       staging_shares_disk=staging)
     return spec, dirs
+
+
+def _snapshot_dirs(trainer: pl.Trainer) -> list[Path]:
+    from .callback import BudgetCallback  # here: the callback imports this module
+
+    return [cb.snapshot_dir for cb in trainer.callbacks if isinstance(cb, BudgetCallback)]
+
+
+def wandb_staging_shares_disk(logger, snapshot_dirs: list[Path]) -> bool | None:
+    """Whether W&B's copies of the checkpoints a WandbLogger logs land on a snapshot directory's file system: the
+    staging area under ``WANDB_DATA_DIR`` (default ``~/.local/share/wandb``) and, once uploaded, the cache under
+    ``WANDB_CACHE_DIR`` they move to. ``add_file_policy="immutable"`` makes no copy. None: not known."""
+    if getattr(logger, "add_file_policy", "mutable") == "immutable":
+        return False
+    if not snapshot_dirs:
+        return None
+    try:
+        from wandb import env
+    except ImportError:  # pragma: no cover - wandb is a dependency
+        return None
+    places = [Path(env.get_data_dir()) / "artifacts" / "staging"]
+    if not getattr(logger, "_offline", False) and os.environ.get("WANDB_MODE") not in ("offline", "dryrun",
+                                                                                      "disabled"):
+        places.append(Path(env.get_cache_dir()))
+    return any(same_file_system(d, p) for d in snapshot_dirs for p in places)
 
 
 def console_spec(trainer: pl.Trainer, module: nn.Module, report_chars: int, cuda: bool) -> ConsoleSpec:

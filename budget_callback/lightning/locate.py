@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -22,6 +22,8 @@ class MatrixSource:
     get: Callable[[], torch.Tensor]  # returns the tensor as stored in the module
     description: str  # e.g. "parameter 'model.lm_head.weight'"
     transposed: bool  # stored as (D, V): transpose on capture
+    alternatives: tuple[str, ...] = ()  # other parameters that could have been W (found, not chosen)
+    how: str = ""  # how it was chosen, when it was one of several
 
     def matrix(self) -> torch.Tensor:
         """W as (V, D). A DTensor (FSDP2, tensor parallel) is gathered: every rank must call this."""
@@ -109,22 +111,45 @@ def find_unembedding(module: nn.Module, spec: str | Callable[[nn.Module], torch.
         return _param_source(module, _name_of(module, layer.weight), vocab_hint)
     params = dict(module.named_parameters(remove_duplicate=False))
     for suffix in UNEMBEDDING_NAMES:
+        found = []
         for name in names:
             shape = tuple(params[name].shape)
             if vocab_hint is not None and vocab_hint not in shape:
                 continue  # a head with this name but not over the vocabulary (a value head, a classifier)
             if (name == suffix or name.endswith("." + suffix)) and len(shape) == 2:
-                return _param_source(module, name, vocab_hint)
+                found.append(name)
+        if found:
+            return _chosen(module, found, 0, vocab_hint, f"the first parameter named '*{suffix}'")
     if vocab_hint is not None:  # the last linear layer that maps to the vocabulary, whatever its name
-        heads = [m for m in module.modules() if isinstance(m, nn.Linear) and m.out_features == vocab_hint]
+        heads = [_name_of(module, m.weight) for m in module.modules()
+                 if isinstance(m, nn.Linear) and m.out_features == vocab_hint]
         if heads:
-            return _param_source(module, _name_of(module, heads[-1].weight), vocab_hint)
+            return _chosen(module, heads, -1, vocab_hint,
+                           f"the last linear layer with {vocab_hint} outputs (the embedding's rows)")
     raise ValueError(
         "could not find the unembedding matrix W: tried get_output_embeddings(), a linear layer with as many "
         "outputs as the embedding has rows, and parameters named "
         + ", ".join(UNEMBEDDING_NAMES)
         + ". Pass BudgetCallback(unembedding='<parameter name>') or unembedding=lambda module: <tensor (vocab, hidden)>."
     )
+
+
+def _chosen(module: nn.Module, names: list[str], pick: int, vocab_hint: int | None, how: str) -> MatrixSource:
+    """The source of ``names[pick]``; the others (distinct tensors) recorded as alternatives."""
+    source = _param_source(module, names[pick], vocab_hint)
+    params = dict(module.named_parameters(remove_duplicate=False))
+    chosen = params[names[pick]]
+    others = tuple(n for n in names if params[n] is not chosen)
+    return replace(source, alternatives=others, how=how) if others else source
+
+
+def choice_note(w: MatrixSource) -> str | None:
+    """Says which of several candidates was recorded as W and how to choose another (None: no choice made)."""
+    if not w.alternatives:
+        return None
+    others = ", ".join(repr(n) for n in w.alternatives[:5])
+    return (f"recording W from {w.description}, {w.how}; other candidates: {others}. Pass "
+            f"BudgetCallback(unembedding={w.alternatives[0]!r}) (or another name) to record another")
 
 
 def is_tied(w: MatrixSource, e: MatrixSource | None) -> bool:

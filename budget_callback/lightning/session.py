@@ -9,10 +9,13 @@ Decisions are made on rank 0 and shared (:mod:`.distributed`).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import multiprocessing.util
 import os
 import shutil
+import tempfile
 import warnings
 import weakref
 from pathlib import Path
@@ -20,22 +23,25 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..errors import BudgetExceededError
+from ..errors import BudgetExceededError, SnapshotWriteError
 from ..forecast import disk_guard
 from ..forecast.engine import Forecast
 from ..forecast.report import REPORT_TITLE, render
+from ..forecast.wandb_usage import staging_bytes_after
 from ..snapshots.format import MANIFEST, SnapshotLayout, host_buffer_bytes
 from ..snapshots.schedule import Schedule
 from ..snapshots.directory import scan
-from ..snapshots.series import Series, SeriesPlan, prepare, restored_series
+from ..snapshots.series import Series, SeriesPlan, new_run_id, prepare, restored_series
 from ..snapshots.writer import SnapshotWriter
 from ..units import format_bytes
 from . import inputs as R
 from .capture import Capture
 from .config import BudgetConfig
 from .distributed import decide_on_rank_zero, on_every_rank
-from .locate import MatrixSource, find_embedding, find_unembedding, is_tied
+from .notice import FailureNotice, new_token
+from .locate import MatrixSource, choice_note, find_embedding, find_unembedding, is_tied
 from .planning import FitFacts, capture_device_bytes, plan_fit
+from .summary import NOT_STARTED, idle_line, series_line
 from .tracking import RunTracker, logger_step, should_log
 from .wandb_panels import log_charts, log_events, log_forecast, log_summary_line, wandb_loggers
 
@@ -86,9 +92,21 @@ class FitSession:
         self._at_exit = None  # multiprocessing.util.Finalize: runs at exit in spawned workers too (atexit does not)
         self._lost_seen = 0
         self._warned = False
+        self.run_id = new_run_id()  # a new series' id, known before it starts (a checkpoint may be taken before)
+        self._in_step = False  # inside this callback's batch end (a signal handler may checkpoint there)
+        self._flush_after_step = False
+        self._finished = False
+        self._overflow_warned = False
+        self.notice: FailureNotice | None = None
+        self._copy_error: BaseException | None = None
+        self.reported: dict | None = None  # rank 0's end-of-fit figures, on every rank
+        self.scratch: Path | None = None  # fast_dev_run: the series goes to this directory, removed at teardown
+        self.smoke = False  # a fast_dev_run fit
 
     # --- setup: checks that need no run, and the lock ---------------------------------------------------
     def setup(self, trainer: pl.Trainer) -> None:
+        from ..snapshots.directory import DirectoryLock
+
         def check() -> None:
             directory = self.config.snapshot_dir
             if directory.exists() and not directory.is_dir():
@@ -98,10 +116,15 @@ class FitSession:
                 raise ValueError(f"`snapshot_dir` {str(directory)!r} cannot be made: {str(parent)!r} is a file")
             if not os.access(parent, os.W_OK):
                 raise ValueError(f"`snapshot_dir` {str(directory)!r} is not writable")
+            if trainer.fast_dev_run:  # a smoke test runs everything but owns no series: a scratch directory beside
+                self.scratch = Path(tempfile.mkdtemp(prefix=".budget-callback-fast-dev-run-", dir=parent))
+                self.config = dataclasses.replace(self.config, snapshot_dir=self.scratch)
+                self.lock = DirectoryLock(self.scratch)
             self.lock.acquire()
             # Lightning calls no hook in a ddp_spawn worker whose fit raised: finish there as the process exits
             self._at_exit = multiprocessing.util.Finalize(self, FitSession._abandoned, args=(weakref.ref(self),),
                                                           exitpriority=100)
+        self.smoke = bool(trainer.fast_dev_run)
         decide_on_rank_zero(trainer.strategy, check)
 
     @staticmethod
@@ -112,6 +135,8 @@ class FitSession:
         if self is None:
             return
         try:
+            if self.notice is not None:
+                self.notice.close()
             if self.writer is not None and not self.writer.closed:
                 try:
                     self.capture.close()
@@ -120,6 +145,7 @@ class FitSession:
                     self.series.write_manifest("failed")
         finally:
             self.lock.release()
+            self._remove_scratch()
 
     # --- before the first step: forecast, decide, open the series, start the writer ---------------------------
     def start(self, trainer: pl.Trainer, module: pl.LightningModule, batch) -> None:
@@ -137,6 +163,8 @@ class FitSession:
         def decide() -> Forecast:
             nonlocal plan
             plan = self._prepare(layout)
+            if choice_note(sources["unembedding"]):  # one of several candidates: say which, and how to choose
+                plan.warnings.append(choice_note(sources["unembedding"]))
             self._check_host_ram(layout)
             free = shutil.disk_usage(_existing_parent(self.config.snapshot_dir)).free + plan.reclaimable_bytes
             resume = plan.schedule.state() if plan.schedule is not None else None
@@ -157,8 +185,12 @@ class FitSession:
         for verdict in result.verdicts.values():  # an estimate is said where the user looks, too
             if verdict.known and verdict.basis and verdict.checked:
                 warnings.warn(f"budget-callback: {verdict.line()}", stacklevel=2)
-        state = decide_on_rank_zero(strategy, lambda: self._open(trainer, plan, result, layout, stride))
-        self.schedule = self.series.schedule if self.series else Schedule.from_state(layout, state)
+        opened = decide_on_rank_zero(strategy, lambda: self._open(trainer, plan, result, layout, stride))
+        self.schedule = self.series.schedule if self.series else Schedule.from_state(layout, opened["schedule"])
+        if trainer.world_size > 1:  # rank 0's writer failure reaches every rank (see .notice)
+            self.notice = FailureNotice(trainer.global_rank, trainer.world_size, opened["notice"])
+            if self.writer is not None:
+                self.writer.hold_errors = self.notice.available
         writers = R.weight_writers(trainer, module)
         writers += [f"{type(module).__name__}.training_step writes {name} in place (seen in the traced step)"
                     for name in (result.model or {}).get("written_in_step", [])]
@@ -170,6 +202,11 @@ class FitSession:
                                "reason": "code between the steps may change W: " + ", ".join(writers[:5])})
         self.tracker = RunTracker(result, R.module_peak_flops(trainer, module), facts.on_accelerator, wandb)
         self.next_check_step = trainer.global_step + 1
+        if self.schedule.last_step < trainer.global_step:
+            # the checkpoint was written after its step's optimizer update, before this callback recorded that batch
+            # end: the restored W is W after that step, so its snapshot, if due, is taken from it now
+            with self._recording():
+                self._take(trainer.global_step)
 
     def _locate(self, trainer: pl.Trainer, module: pl.LightningModule
                 ) -> tuple[dict[str, MatrixSource], SnapshotLayout, bool]:
@@ -194,7 +231,9 @@ class FitSession:
             known = ", ".join(self.checkpoint_dirs) or "none"
             hint = (f"The checkpoint being resumed has no BudgetCallback state for this snapshot_dir (it has "
                     f"state for: {known}).")
-        return prepare(self.config.snapshot_dir, layout, restored_series(self.restored), self.config.overwrite, hint)
+        own = (self.restored or {}).get("pending_run_id")  # a checkpoint its run wrote before its series started
+        return prepare(self.config.snapshot_dir, layout, restored_series(self.restored), self.config.overwrite, hint,
+                       run_id=own or self.run_id, own_run_id=own, asked_every=self.config.save_every_n_steps)
 
     def _check_host_ram(self, layout: SnapshotLayout) -> None:
         K = layout.snapshots_per_file
@@ -215,7 +254,8 @@ class FitSession:
                 schedule.change_interval(result.save_every_n_steps)
         else:
             schedule = Schedule.start(layout, result.save_every_n_steps, stride, trainer.global_step)
-        self.series, removed, open_file = plan.commit(schedule, self.launch_token, self.config.fsync)
+        self.series, removed, open_file = plan.commit(schedule, self.launch_token, self.config.fsync,
+                                                      self.config.save_every_n_steps)
         step = trainer.global_step
         if removed:
             self.series.event({"step": step, "event": "cleaned_temporaries", "count": len(removed),
@@ -228,32 +268,76 @@ class FitSession:
             self.series.event({"step": step, "event": "warning", "detail": text})
         self.writer = SnapshotWriter(self.series)
         self.writer.start(open_file)
-        return schedule.state()
+        return {"schedule": schedule.state(), "notice": new_token()}
 
     # --- every batch end --------------------------------------------------------------------------------
-    def on_step(self, trainer: pl.Trainer) -> None:
-        step = trainer.global_step
-        stepped = step > self.schedule.last_step
+    @contextlib.contextmanager
+    def _recording(self):
+        """A batch end being recorded: a checkpoint written meanwhile (by a signal handler, or after an exception
+        raised in it) carries the series before it (:meth:`Series.begin_step`)."""
+        if self.series is not None:
+            self.series.begin_step()
+        self._in_step = True
+        try:
+            yield
+        finally:
+            self._in_step = False
+        if self.series is not None:
+            self.series.end_step()
+        if self._flush_after_step:
+            self._flush_after_step = False
+            self.before_checkpoint()
+
+    def _take(self, step: int) -> None:
+        """Record the batch end at ``step`` in the schedule and take its snapshot if one is due."""
         placement = self.series.place(step) if self.series else self.schedule.advance(step)
-        if stepped:
-            self.tracker.tick()
         if placement is not None and (self.writer is not None or self.facts.sharded):
             writer = self.writer
 
             def ready(image, event, release):
                 writer.submit(placement, image, event, release)
             # every rank takes part in gathering a sharded W; the writing rank copies off the training thread
-            if not self.capture.take(ready, placement.step, placement.every) and self.writer is not None:
-                self.series.record_dropped(step)
+            with self._holding_copy_errors():
+                if not self.capture.take(ready, placement.step, placement.every) and self.writer is not None:
+                    self.series.record_dropped(step)
+
+    def on_step(self, trainer: pl.Trainer) -> None:
+        with self._recording():
+            self._batch_end(trainer)
+
+    def _batch_end(self, trainer: pl.Trainer) -> None:
+        step = trainer.global_step
+        self._stop_if_rank_zero_failed(step)
+        stepped = step > self.schedule.last_step
+        if stepped:
+            self.tracker.tick()
+        self._take(step)
         if self.series is not None and trainer.world_size == 1 and self.series.lost > self._lost_seen:
             self._lost_seen = self.series.lost  # a write hit a full disk: look again now (one process only)
             self.next_check_step = step
+        self._warn_overflow()
         if stepped and step > self.facts.final_step and not self._past_forecast:
             self._ran_past_forecast(step)
         if stepped and step >= self.next_check_step and not self.schedule.paused and self.stop_reason is None:
             self._guard(trainer, step)
         if stepped and should_log(trainer):
             self._log(trainer, logger_step(trainer))
+
+    def _stop_if_rank_zero_failed(self, step: int) -> None:
+        """Several ranks: rank 0's writer failure stops every rank at the same batch end, with its cause."""
+        if self.notice is not None:
+            self.notice.stop_if_failed(step, (self.writer.error or self._copy_error) if self.writer else None)
+
+    def _warn_overflow(self) -> None:
+        """Once per fit, on the training thread: float16 snapshots hold infinities where W did not."""
+        if self.series is None or not self.series.overflowed or self._overflow_warned:
+            return
+        self._overflow_warned = True
+        first = next(e for e in self.series.events if e["event"] == "float16_overflow")
+        warnings.warn(f"budget-callback: the snapshot of step {first['step']} holds {first['values']:,} infinite "
+                      "value(s): W has entries beyond float16's range (|w| > 65,504). Snapshots with them are counted "
+                      "(manifest: snapshots_float16_overflow); pass snapshot_dtype='bfloat16' or 'float32' to keep "
+                      "them finite", stacklevel=2)
 
     def _ran_past_forecast(self, step: int) -> None:
         """The run took more steps than the forecast counted (the Trainer's limits changed, or a count was
@@ -279,7 +363,7 @@ class FitSession:
             free = shutil.disk_usage(self.config.snapshot_dir).free
             on_disk = self.writer.on_disk_bytes
             return disk_guard.decide(self.series.schedule, final, free, self.config.disk_budget, on_disk,
-                                     self.config.on_exceed, self.forecast.storage["rewrite_headroom_bytes"])
+                                     self.config.on_exceed, self._headroom(step, final))
         decision = decide_on_rank_zero(trainer.strategy, decide)
         self.next_check_step = decision.next_check_step
         if decision.action == "ok" or (decision.action == "warn" and self._warned):
@@ -302,6 +386,14 @@ class FitSession:
             self.series.event(decision.to_event(step))
             self._log(trainer, logger_step(trainer))
 
+    def _headroom(self, step: int, final: int) -> int:
+        """Room the snapshots must leave: a stacked file rewritten bigger, and the copies W&B will still stage on
+        this file system (counted where they land, :func:`~budget_callback.lightning.inputs.logging_spec`)."""
+        st, spec = self.forecast.storage, self.forecast.inputs.logging
+        staging = staging_bytes_after(spec, step, final, st["checkpoint_bytes"]) if st["wandb_staging_on_disk_bytes"] \
+            else 0
+        return st["rewrite_headroom_bytes"] + staging
+
     def _log(self, trainer: pl.Trainer, step: int) -> None:
         if self.series is None or not trainer.loggers:
             return
@@ -316,14 +408,42 @@ class FitSession:
     def before_optimizer_step(self) -> None:
         """The copy of W taken at the last snapshot has read W before the optimizer changes it."""
         if self.capture is not None:
-            self.capture.wait()
+            with self._holding_copy_errors():
+                self.capture.wait()
+
+    @contextlib.contextmanager
+    def _holding_copy_errors(self):
+        """Several ranks: a copy that failed on rank 0 waits for the next batch end, where every rank stops."""
+        try:
+            yield
+        except SnapshotWriteError as err:
+            if self.writer is None or not self.writer.hold_errors:
+                raise
+            self._copy_error = self._copy_error or err
 
     # --- checkpoints ----------------------------------------------------------------------------------------
     def before_checkpoint(self) -> None:
-        """Every snapshot up to the checkpoint's step is on disk before the checkpoint is (no gaps on resume)."""
+        """Every snapshot up to the checkpoint's step is on disk before the checkpoint is (no gaps on resume).
+
+        A checkpoint written by a signal handler that interrupted this callback's own batch end (SLURM's
+        requeue signal) carries the series before that batch end; the queues may be held by the interrupted
+        code, so its snapshots are made durable as the batch end finishes, milliseconds later."""
+        if self._in_step:
+            self._flush_after_step = True
+            return
         if self.writer is not None and not self.writer.closed:
             self.capture.wait()
             self.writer.flush(final=False)
+            self._check_files()
+
+    def _check_files(self) -> None:
+        """Files removed or changed by something else are no longer counted (said at once, not at a resume)."""
+        gone = self.series.check_files()
+        if gone:
+            self.series.write_manifest()
+            warnings.warn(f"budget-callback: {len(gone)} snapshot file(s) in {str(self.series.directory)!r} were "
+                          f"removed or changed by something else: {', '.join(gone[:5])}; their snapshots are no "
+                          "longer counted in bytes_written (the series goes on)", stacklevel=2)
 
     def state_dict(self) -> dict:
         if self.series is not None:
@@ -331,20 +451,27 @@ class FitSession:
             return self.series.state_dict()
         if self.restored is not None:  # not started yet (e.g. lr_find saving before training): pass it on
             return dict(self.restored)
-        return {"version": 2, "run_id": None}
+        # not started yet: a resume from this checkpoint replaces what this run writes after it
+        return {"version": 2, "run_id": None, "pending_run_id": self.run_id,
+                "snapshot_dir": str(self.config.snapshot_dir)}
 
     # --- the end ------------------------------------------------------------------------------------------
     def finish(self, trainer: pl.Trainer, failed: BaseException | None = None) -> None:
-        if self.writer is None or self.writer.closed:
+        """The end of the fit: the series closed on rank 0, its figures shared with every rank (each rank on its
+        own after an exception: another may be gone)."""
+        if self.schedule is None or self._finished:
             return
-        try:
-            self.capture.close()
-            self.writer.close()
-        finally:
-            self.final_projected = self.schedule.due_bytes()
-            self.series.summary = {"projected_bytes": self.final_projected,
-                                   "forecast": self.forecast.to_dict() if self.forecast else None}
-            self.series.write_manifest("failed" if failed else "finished")
+        self._finished = True
+        if failed is not None:
+            if self.series is not None:
+                self._close_series(failed)
+        else:
+            if self.notice is not None:
+                self.notice.end()
+            self.reported = decide_on_rank_zero(trainer.strategy, lambda: self._close_series(None))
+        self.final_projected = self.schedule.due_bytes()
+        if self.series is None:
+            return
         step = logger_step(trainer)
         self._log(trainer, step)
         reason = " (run stopped by an exception)" if failed else (f" ({self.stop_reason})" if self.stop_reason else "")
@@ -356,8 +483,25 @@ class FitSession:
             log_summary_line(wandb, line)
         rank_zero_info(line)
 
+    def _close_series(self, failed: BaseException | None) -> dict:
+        """Rank 0: the last snapshots written, the files checked, the manifest final; the figures every rank reports."""
+        try:
+            self.capture.close()
+            self.writer.close()
+            if self.writer.error is not None:  # held for the other ranks: theirs too now (decide_on_rank_zero)
+                raise SnapshotWriteError(f"the snapshot writer failed: {self.writer.error!r}") from self.writer.error
+            self._check_files()
+            self._warn_overflow()
+        finally:
+            self.series.summary = {"projected_bytes": self.schedule.due_bytes(),
+                                   "forecast": self.forecast.to_dict() if self.forecast else None}
+            self.series.write_manifest("failed" if failed else "finished")
+        return self.series.figures()
+
     def close(self) -> None:
         """Teardown: the writer stopped, the lock released, the model no longer referenced."""
+        if self.notice is not None:
+            self.notice.close()
         if self._at_exit is not None:
             self._at_exit.cancel()
             self._at_exit = None
@@ -368,6 +512,13 @@ class FitSession:
                 self.writer.close()
         finally:
             self.lock.release()
+            self._remove_scratch()
+
+    def _remove_scratch(self) -> None:
+        """fast_dev_run: the scratch series goes with the fit (its figures stay readable on the callback)."""
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
 
     def note_idle(self) -> None:
         """At teardown of a fit in which no batch ran (resumed from a checkpoint already at the Trainer's
@@ -390,47 +541,34 @@ class FitSession:
             return self.final_projected
         if self.idle is not None:
             return self.idle["projected_bytes"]
-        if self.series is None:
+        if self.schedule is None:
             return 0
-        return self.series.schedule.projected_bytes(self.facts.final_step)
+        return self.schedule.projected_bytes(self.facts.final_step)
 
     def bytes_written(self) -> int:
         if self.series is not None:
             return self.series.bytes_written
+        if self.reported is not None:  # another rank: rank 0's figures, shared at the end of the fit
+            return self.reported["bytes_written"]
         return self.idle["bytes_written"] if self.idle is not None else 0
 
     def summary(self) -> str:
         """One line: projected vs actual snapshot bytes, the interval, and how the run compared with the
-        fit-start forecast."""
-        series = self.series
-        if series is None and self.idle is not None:
-            i = self.idle
-            return (f"budget-callback summary: no batch ran in this fit (resumed at step {i['last_step']}, the "
-                    f"Trainer's limit); the series holds {format_bytes(i['bytes_written'])} "
-                    f"({i['bytes_written']:,} B) in {i['files']} file(s), projected {i['projected_bytes']:,} B, "
-                    f"difference {i['bytes_written'] - i['projected_bytes']:+,} B")
-        if series is None:
-            return "budget-callback summary: no snapshots (the series did not start)"
-        due, actual = self.schedule.due_bytes(), series.bytes_written
-        s = self.schedule
-        extra = ""
-        if self.capture is not None:
-            extra = (f"; back-pressure {self.capture.stats.backpressure_seconds:.2f} s, dropped {series.dropped}, "
-                     f"lost to a full disk {series.lost}")
-        return (f"budget-callback summary: snapshots projected {format_bytes(due)} ({due:,} B) by step "
-                f"{s.last_step}, actual {format_bytes(actual)} ({actual:,} B) in {len(series.files)} file(s), "
-                f"difference {actual - due:+,} B; save_every_n_steps={s.interval}{' (paused)' if s.paused else ''}"
-                f"{extra}{self._against_forecast()}")
+        fit-start forecast (:mod:`.summary`)."""
+        if self.series is None and self.idle is not None:
+            return idle_line(self.idle)
+        if self.series is not None:
+            figures, who = self.series.figures(), self.SMOKE if self.smoke else ""
+            parts = [f"back-pressure {self.capture.stats.backpressure_seconds:.2f} s"] if self.capture else []
+        elif self.reported is not None:
+            figures, who, parts = self.reported, " (rank 0 writes the series; its figures)", []
+        else:
+            return NOT_STARTED
+        forecast = (self.facts.final_step, self.forecast.storage["snapshot_bytes"]) \
+            if self.forecast is not None and self.facts is not None else None
+        return series_line(self.schedule, figures, who, parts, self.capture is not None, forecast)
 
-    def _against_forecast(self) -> str:
-        """How the run's length and bytes compare with the fit-start forecast, when they differ."""
-        f, last = self.forecast, self.schedule.last_step
-        if f is None or self.facts is None or last == self.facts.final_step:
-            return ""
-        planned = f.storage["snapshot_bytes"]
-        how = "ended early" if last < self.facts.final_step else "ran past the forecast"
-        return (f"; the fit-start forecast counted the run to step {self.facts.final_step}, "
-                f"{format_bytes(planned)} ({planned:,} B) of snapshots: it {how} at step {last}")
+    SMOKE = " (fast_dev_run: a scratch series, removed at the end; snapshot_dir untouched)"
 
 
 # --- a fit that ran in another process (ddp_spawn) --------------------------------------------------------

@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 
 from ..forecast.engine import Forecast
-from ..forecast.wandb_usage import wandb_usage
+from ..forecast.wandb_usage import run_file_bytes_on_disk, wandb_usage
 from .wandb_panels import run_file_bytes
 
 
@@ -97,8 +97,9 @@ class RunTracker:
         actual = run_file_bytes(self.wandb[0])
         if actual is not None and self.forecast is not None:
             f = self.forecast
-            point["wandb_projected"] = wandb_usage(f.inputs.logging, min(step, f.inputs.steps),
-                                                   f.storage["checkpoint_bytes"])["run_file_bytes"]
+            # like with like: wandb-core writes whole blocks while the run lives, so both are what is on disk now
+            point["wandb_projected"] = run_file_bytes_on_disk(wandb_usage(
+                f.inputs.logging, min(step, f.inputs.steps), f.storage["checkpoint_bytes"])["run_file_bytes"])
             point["wandb_actual"] = actual
         p = self.points
         repeat = bool(p.get("step")) and p["step"][-1] == step

@@ -16,7 +16,8 @@ from ..forecast.engine import Forecast
 CHARTS = {
     "disk": ("budget/disk_chart", "Snapshot bytes on disk: projected vs actual"),
     "memory": ("budget/memory_chart", "Accelerator peak memory: projected vs actual"),
-    "wandb": ("budget/wandb_chart", "W&B run-file bytes: projected vs actual"),
+    # wandb-core writes its run file in whole 32 KiB blocks while the run lives: both lines are what is on disk
+    "wandb": ("budget/wandb_chart", "W&B run-file bytes on disk (whole 32 KiB blocks): projected vs actual"),
 }
 
 

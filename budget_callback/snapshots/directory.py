@@ -109,8 +109,16 @@ class DirectoryLock:
             os.close(fd)  # the file was removed by a holder releasing it: take the new one
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "run": run,
                   "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)[:200]}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(holder).encode(), 0)
+        except OSError as err:
+            os.close(fd)
+            if not is_disk_full(err):
+                raise
+            raise OSError(err.errno, f"budget-callback: no space left in {str(self.directory)!r} for its lock file "
+                                     f"({LOCK_FILE}, a few hundred bytes): free some space on that file system "
+                                     "and start again") from err
         self._fd = fd
 
     def _holder(self) -> str:
@@ -247,8 +255,17 @@ class DirectoryScan:
     manifest_error: str | None = None
 
     @property
+    def foreign_manifest(self) -> str | None:
+        """What the ``manifest.json`` here is when budget-callback did not write it (None: ours, or none)."""
+        m = self.manifest
+        if not m or str(m.get("format", "")).startswith(SNAPSHOT_FORMAT.split("/")[0]):
+            return None
+        keys = ", ".join(sorted(map(str, m))[:4])
+        return f"a JSON object with {keys}{' ...' if len(m) > 4 else ''}, no budget-callback format"
+
+    @property
     def holds_series(self) -> bool:
-        return bool(self.files or self.bad or self.manifest is not None)
+        return bool(self.files or self.bad or (self.manifest is not None and self.foreign_manifest is None))
 
     @property
     def series_bytes(self) -> int:

@@ -315,6 +315,11 @@ class SnapshotReader:
         where = self._where.get(name, {})
         return [where[s] for s in self.steps]
 
+    def _no_snapshots(self) -> str:
+        bad = f"; {len(self.bad_files)} file(s) there are not readable snapshots" if self.bad_files else ""
+        return (f"{str(self.directory)!r} holds no snapshots yet (no readable step_*.safetensors files{bad}): "
+                "nothing to read; check snapshot_dir, or read again once training has written a snapshot")
+
     def _token(self, token_id, argument: str = "token_id") -> int:
         """One token id as an int: anything ``operator.index`` takes (numpy integers, 0-d integer tensors)."""
         if _is_bool(token_id):
@@ -326,6 +331,8 @@ class SnapshotReader:
         except TypeError:
             raise TypeError(f"`{argument}` must be one integer token id (an int, a numpy integer or a 0-d integer "
                             f"tensor), got {_described(token_id)}") from None
+        if not self.steps:
+            raise IndexError(self._no_snapshots())
         if not 0 <= token < self.vocab_size:
             raise IndexError(f"`{argument}` must be an int in [0, {self.vocab_size}), got {token!r}")
         return token
@@ -433,6 +440,8 @@ class SnapshotReader:
     # --- the reads -----------------------------------------------------------------------------
     def load(self, step: int, name: str = "unembedding") -> torch.Tensor:
         """W (or E) at optimizer step ``step``, shape ``(V, D)``, in the stored dtype."""
+        if not self.steps:
+            raise KeyError(self._no_snapshots())
         index = self._index(name)
         try:
             number, base = index[self.steps.index(step)]

@@ -15,15 +15,19 @@ temporaries) and starts the series.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
 import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..units import format_bytes
 from .directory import (DirectoryScan, Edit, SnapshotFile, apply_edits, atomic_write_bytes, clean_temporaries,
                         is_disk_full, plan_removal, plan_truncation, scan)
-from .format import MANIFEST, SNAPSHOT_FORMAT, SnapshotLayout
+from .format import MANIFEST, SNAPSHOT_FORMAT, SnapshotLayout, snapshot_name
 from .schedule import Placement, Schedule, Segment
 
 STATE_VERSION = 2
@@ -41,16 +45,20 @@ class Series:
 
     def __init__(self, directory: Path, layout: SnapshotLayout, run_id: str, schedule: Schedule,
                  files: dict[int, tuple[int, int]] | None = None, launch_token: str | None = None,
-                 fsync: bool = True) -> None:
+                 fsync: bool = True, requested_every: int | None = None) -> None:
         self.directory = Path(directory)
         self.layout = layout
         self.run_id = run_id
         self.schedule = schedule
         self.launch_token = launch_token
         self.fsync = fsync
+        self.requested_every = requested_every  # the interval asked for (a resume that asks another gets it)
+        self._before: dict | None = None  # the schedule's state before the batch end being recorded
         self.files: dict[int, tuple[int, int]] = dict(files or {})  # first step -> (snapshots, bytes) on disk
         self.dropped = 0
         self.lost = 0  # snapshots lost to a full disk
+        self.missing = 0  # snapshots whose file something else removed or changed (seen at checkpoints and the end)
+        self.overflowed = 0  # float16 snapshots holding +-inf: W had values beyond float16's range (|w| > 65,504)
         self.events: list[dict] = []
         self.summary: dict = {}  # figures added at the end of the fit (projected bytes, forecast)
         self._lock = threading.RLock()
@@ -61,12 +69,29 @@ class Series:
         with self._lock:
             return sum(size for _, size in self.files.values())
 
+    def figures(self) -> dict:
+        """What the end-of-fit line says, as plain values (shared with the other ranks)."""
+        with self._lock:
+            return {"bytes_written": sum(size for _, size in self.files.values()), "files": len(self.files),
+                    "dropped": self.dropped, "lost": self.lost, "missing": self.missing}
+
     @property
     def snapshots_on_disk(self) -> int:
         with self._lock:
             return sum(count for count, _ in self.files.values())
 
     # --- training thread ------------------------------------------------------------------------
+    def begin_step(self) -> None:
+        """A batch end is being recorded: until :meth:`end_step`, a checkpoint (a signal handler's, or one written
+        after an exception in between) carries the series as it was before it. The model such a checkpoint holds
+        is W after that batch's optimizer step: the resume takes the snapshot again from it."""
+        with self._lock:
+            self._before = self.schedule.state()
+
+    def end_step(self) -> None:
+        with self._lock:
+            self._before = None
+
     def place(self, step: int) -> Placement | None:
         with self._lock:
             return self.schedule.advance(step)
@@ -90,18 +115,52 @@ class Series:
         with self._lock:
             self.files[first_step] = (count, size)
 
+    def record_overflow(self, step: int, values: int) -> None:
+        """A float16 snapshot holds ``values`` infinities (the event once: the count is in the manifest)."""
+        with self._lock:
+            self.overflowed += 1
+            if self.overflowed == 1:
+                self.events.append({"step": step, "event": "float16_overflow", "values": values})
+
     def record_lost(self, steps: list[int], reason: str) -> None:
         with self._lock:
             self.lost += len(steps)
             self.events.append({"step": steps[0], "event": "disk_full", "reason": reason, "snapshots": len(steps)})
 
+    def check_files(self) -> list[str]:
+        """Stat every file the series has on disk (the writer idle); one removed or changed by something else is
+        no longer counted: its snapshots are lost. Returns the names of those files, with what was found."""
+        gone = []
+        with self._lock:
+            for first, (count, size) in list(self.files.items()):
+                path = self.directory / snapshot_name(first)
+                try:
+                    found = os.stat(path).st_size
+                except FileNotFoundError:
+                    found = None
+                if found == size:
+                    continue
+                del self.files[first]
+                self.missing += count
+                gone.append(f"{path.name} ({'missing' if found is None else f'{found:,} B, written {size:,} B'})")
+            if gone:
+                self.events.append({"step": self.schedule.last_step, "event": "files_missing",
+                                    "files": gone[:10], "count": len(gone)})
+        return gone
+
     # --- plain state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The callback's checkpoint state: small and plain."""
+        """The callback's checkpoint state: small and plain. It agrees with the files whenever it is taken: in the
+        middle of a batch end (:meth:`begin_step`) it is the series before that batch end."""
         with self._lock:
+            on_disk = sum(size for _, size in self.files.values())
+            schedule = self.schedule.state()
+            if self._before is not None:
+                schedule = self._before  # a file of the unfinished batch end may already be there: not counted
+                on_disk = min(on_disk, Schedule.from_state(self.layout, schedule).due_bytes())
             return {"version": STATE_VERSION, "run_id": self.run_id, "snapshot_dir": str(self.directory),
-                    "layout": self.layout.to_dict(), "schedule": self.schedule.state(),
-                    "bytes_on_disk": sum(size for _, size in self.files.values()), "files_on_disk": len(self.files)}
+                    "layout": self.layout.to_dict(), "schedule": schedule, "bytes_on_disk": on_disk,
+                    "files_on_disk": len(self.files), "requested_every": self.requested_every}
 
     def manifest(self, status: str = "running") -> dict:
         with self._lock:
@@ -120,6 +179,8 @@ class Series:
                 "bytes_written": sum(size for _, size in self.files.values()),
                 "snapshots_dropped": self.dropped,
                 "snapshots_lost": self.lost,
+                "snapshots_missing": self.missing,
+                "snapshots_float16_overflow": self.overflowed,
                 "events": list(self.events),
                 **self.summary,
             }
@@ -176,19 +237,38 @@ class SeriesPlan:
         gone = {e.path for e in self.edits if e.keep == 0}
         return [f for f in self.found.files if f.path not in gone]
 
-    def commit(self, schedule: Schedule, launch_token: str | None = None, fsync: bool = True
-               ) -> tuple[Series, list[str], SnapshotFile | None]:
+    def check_room(self, free_bytes: int) -> None:
+        """A resume cuts stacked files back to its checkpoint: each new copy is written while the old one is still
+        there. Refuse, before anything is touched, when the disk cannot hold the largest one after the deletions."""
+        by_path = {f.path: f for f in self.found.files}
+        cuts = [(e.path, _cut_size(self.layout, by_path[e.path], e.keep)) for e in self.edits if e.keep]
+        if not cuts:
+            return
+        room = free_bytes + sum(e.bytes_before for e in self.edits if e.keep == 0)
+        path, need = max(cuts, key=lambda c: c[1])
+        if need > room:
+            raise OSError(errno.ENOSPC, (
+                f"budget-callback: resuming needs {format_bytes(need)} ({need:,} B) free in {str(self.directory)!r} "
+                f"to cut {path.name} back to the checkpoint's step (its old copy stays until the new one is "
+                f"complete), and {format_bytes(room)} ({room:,} B) is free once the snapshots written after the "
+                f"checkpoint are removed. Free at least {format_bytes(need - room)} on that file system and resume "
+                "again; nothing was touched"))
+
+    def commit(self, schedule: Schedule, launch_token: str | None = None, fsync: bool = True,
+               requested_every: int | None = None) -> tuple[Series, list[str], SnapshotFile | None]:
         """Apply the planned edits, clean temporaries, start the series and write its manifest.
 
         Returns the series, the names of the temporaries removed, and the open stacked file
         to continue (its snapshots are the schedule's open ones), if any.
         """
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.check_room(shutil.disk_usage(self.directory).free + sum(p.stat().st_size for p in self.found.temporaries
+                                                                    if p.exists()))
         removed = clean_temporaries(self.found)
-        apply_edits(self.edits, self.found, self.layout, fsync)
+        apply_edits(sorted(self.edits, key=lambda e: e.keep != 0), self.found, self.layout, fsync)  # deletions first
         after = scan(self.directory) if self.edits else self.found
         files = {f.first_step: (f.count, f.size) for f in after.files} if self.resuming else {}
-        series = Series(self.directory, self.layout, self.run_id, schedule, files, launch_token, fsync)
+        series = Series(self.directory, self.layout, self.run_id, schedule, files, launch_token, fsync, requested_every)
         open_file = None
         if schedule.open:
             open_file = next((f for f in after.files if f.first_step == schedule.open[0]
@@ -198,23 +278,55 @@ class SeriesPlan:
 
 
 def prepare(directory: Path, layout: SnapshotLayout, restored: dict | None, overwrite: bool,
-            checkpoint_hint: str = "") -> SeriesPlan:
+            checkpoint_hint: str = "", run_id: str | None = None, own_run_id: str | None = None,
+            asked_every: int | None = None) -> SeriesPlan:
     """Decide what this fit does with ``directory`` (reading only); refuse with what to do instead.
 
     ``restored``: the series state from the checkpoint being resumed (see :func:`restored_series`).
     ``checkpoint_hint``: words about the checkpoint for messages (e.g. which snapshot_dir it knows).
+    ``run_id``: the id of a new series (default: a fresh one). ``own_run_id``: the run the checkpoint being
+    resumed belongs to when it was written before that run's series started (its snapshots are all later
+    than the checkpoint: replaced, as a resume replaces what came after its checkpoint). ``asked_every``: the
+    interval this fit asks for (see :func:`_ask_interval`).
     """
     directory = Path(directory)
     found = scan(directory)
+    if found.foreign_manifest is not None:
+        raise ValueError(
+            f"`snapshot_dir` {str(directory)!r} holds a {MANIFEST} that budget-callback did not write "
+            f"({found.foreign_manifest}); nothing was touched, and overwrite=True does not replace files this "
+            "callback did not write. Choose another snapshot_dir, or move that file away")
     if restored is None:
-        return _fresh(directory, layout, found, overwrite, checkpoint_hint)
-    return _resume(directory, layout, found, restored)
+        return _fresh(directory, layout, found, overwrite, checkpoint_hint, run_id or new_run_id(), own_run_id)
+    plan = _resume(directory, layout, found, restored, overwrite)
+    if plan.resuming and asked_every is not None:
+        _ask_interval(plan, asked_every, restored.get("requested_every"))
+    return plan
 
 
-def _fresh(directory: Path, layout: SnapshotLayout, found: DirectoryScan, overwrite: bool, hint: str) -> SeriesPlan:
-    plan = SeriesPlan(directory, layout, found, new_run_id(), None)
+def _ask_interval(plan: SeriesPlan, asked: int, before: int | None) -> None:
+    """A resume that asks for another interval than its series was started with gets it from the resume on (the
+    disk is checked again: the forecast may raise it); one that asks the same keeps the series' interval (which the
+    disk guard may have raised). A checkpoint that does not say what was asked keeps it, and says so."""
+    schedule = plan.schedule
+    if before is None:
+        if asked != schedule.interval:
+            plan.warnings.append(
+                f"`save_every_n_steps`={asked}, but the series being resumed snapshots every {schedule.interval} "
+                "steps and its checkpoint (written by an earlier version) does not say which interval was "
+                f"requested: the series keeps {schedule.interval}")
+        return
+    if asked != before:
+        plan.warnings.append(f"`save_every_n_steps` changed from {before} (requested when the series started) to "
+                             f"{asked}: the series snapshots every {asked} steps from step {schedule.last_step + 1} on")
+        schedule.change_interval(asked)
+
+
+def _fresh(directory: Path, layout: SnapshotLayout, found: DirectoryScan, overwrite: bool, hint: str, run_id: str,
+           own_run_id: str | None = None) -> SeriesPlan:
+    plan = SeriesPlan(directory, layout, found, run_id, None)
     if found.holds_series:
-        if not overwrite:
+        if not overwrite and not (own_run_id is not None and found.run_id == own_run_id):
             owner = f"run {found.run_id}" if found.run_id else "another run"
             raise ValueError(
                 f"`snapshot_dir` {str(directory)!r} already holds snapshots of {owner} "
@@ -243,11 +355,19 @@ def _check_layout(layout: SnapshotLayout, saved: dict) -> None:
                              f"{saved['vocab_size']} x {saved['hidden_dim']}: a different model or `unembedding`")
 
 
-def _resume(directory: Path, layout: SnapshotLayout, found: DirectoryScan, restored: dict) -> SeriesPlan:
+def _resume(directory: Path, layout: SnapshotLayout, found: DirectoryScan, restored: dict,
+            overwrite: bool = False) -> SeriesPlan:
     legacy = int(restored.get("version", 1)) < 2
     run_id = found.run_id if legacy else restored["run_id"]
     if not legacy and found.holds_series and found.run_id != run_id:
         owner = f"run {found.run_id}" if found.run_id else "a run whose manifest is missing or from another version"
+        if overwrite:  # the user asked to replace another run's snapshots: this run's series starts here, afresh
+            plan = _fresh(directory, layout, found, True, "", new_run_id())
+            plan.warnings.append(
+                f"`snapshot_dir` held snapshots of {owner}, not of run {run_id} that the checkpoint belongs to; "
+                "overwrite=True replaced them, and a new series starts at the checkpoint's step (the earlier "
+                f"snapshots of run {run_id} are not in this directory)")
+            return plan
         raise ValueError(
             f"`snapshot_dir` {str(directory)!r} holds snapshots of {owner}, but the checkpoint being resumed "
             f"belongs to run {run_id}; nothing was touched. Resume from a checkpoint of that run, write to another "

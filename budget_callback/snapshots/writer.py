@@ -86,12 +86,14 @@ class SnapshotWriter:
         self._stack: _Stack | None = None
         self._stacks: dict[str, torch.Tensor] | None = None
         self._group = diskio.GroupCommit(series.directory, fsync=series.fsync)
-        self._grouped: list[tuple[list[int], int]] = []  # (steps, bytes) of the files in the open group
+        # (steps, bytes, partial) of the files in the open group; partial: an open stacked file written at a checkpoint
+        self._grouped: list[tuple[list[int], int, bool]] = []
         self._uncommitted = 0  # bytes of files written as temporaries, not yet committed
         self._bytes_lock = threading.Lock()  # a read of on_disk_bytes never sees a file twice or not at all
         self._manifest_at = 0.0
         self._thread = threading.Thread(target=self._run, name="budget-callback-writer", daemon=True)
         self.closed = False
+        self.hold_errors = False  # True: the error waits in `error` for the caller (several ranks stop together)
 
     # --- training-thread side ---------------------------------------------------------------
     def start(self, open_file: SnapshotFile | None = None) -> None:
@@ -141,9 +143,14 @@ class SnapshotWriter:
         with self._bytes_lock:
             return self.series.bytes_written + self._uncommitted
 
+    @property
+    def error(self) -> BaseException | None:
+        """The writer thread's error, if it stopped on one."""
+        return self._error
+
     def check(self) -> None:
-        """Raise the writer thread's error, with its cause, in the calling thread."""
-        if self._error is not None:
+        """Raise the writer thread's error, with its cause, in the calling thread (unless ``hold_errors``)."""
+        if self._error is not None and not self.hold_errors:
             err, self._error = self._error, None
             raise SnapshotWriteError(f"the snapshot writer failed: {err!r}") from err
 
@@ -158,7 +165,10 @@ class SnapshotWriter:
             try:
                 if item is None:
                     return
-                self._safely(lambda: self._handle(item))
+                if self._error is not None and item.release is not None:
+                    item.release()  # stopped on an error: nothing more is written, the buffer goes back
+                else:
+                    self._safely(lambda: self._handle(item))
             finally:
                 self._queue.task_done()
 
@@ -168,6 +178,10 @@ class SnapshotWriter:
                 work()
         except BaseException as err:  # noqa: BLE001 - surfaced by check() on the training thread
             self._error = err
+            try:  # the complete files waiting for their group commit are not lost with it
+                self._commit()
+            except BaseException:  # noqa: BLE001 - the first error is the one reported
+                pass
 
     def _handle(self, item: _Item) -> None:
         if isinstance(item.placement, str):  # flush marker
@@ -187,6 +201,10 @@ class SnapshotWriter:
         p, image = item.placement, item.image
         if item.event is not None:
             item.event.synchronize()
+        if self.layout.dtype == "float16":  # off the training thread: values beyond float16's range became inf
+            infinite = sum(int(torch.isinf(t).sum()) for t in image.tensors.values())
+            if infinite:
+                self.series.record_overflow(p.step, infinite)
         if not self.layout.stacked:  # the image is the file: written from where it lies
             self._write(image.header, list(image.tensors.values()), [p.step], p.every)
             return
@@ -208,7 +226,8 @@ class SnapshotWriter:
             tensors = {n: b[:count] for n, b in sorted(stack.buffers.items())}
             meta = self.layout.metadata(stack.steps[0], count, stack.every, stack.steps)
             header = encode_header({n: (self._code(), tuple(t.shape)) for n, t in tensors.items()}, meta)
-            size = self._write(header, list(tensors.values()), list(stack.steps), stack.every, stack.on_disk)
+            size = self._write(header, list(tensors.values()), list(stack.steps), stack.every, stack.on_disk,
+                               partial=not final)
             if size is not None:
                 stack.on_disk = (count, size)
         if final:
@@ -237,16 +256,17 @@ class SnapshotWriter:
         return _Stack(f.first_step, f.every, buffers, list(f.steps), (f.count, f.size))
 
     def _write(self, header: bytes, tensors: list[torch.Tensor], steps: list[int], every: int,
-               replaces: tuple[int, int] | None = None) -> int | None:
+               replaces: tuple[int, int] | None = None, partial: bool = False) -> int | None:
         """Write one file (``header`` then ``tensors``' bytes) atomically; ``replaces`` = (snapshots, bytes)
-        of the partial file it supersedes. Returns its size, or None when the disk was full (its new
-        snapshots are counted as lost)."""
+        of the partial file it supersedes. Returns its size, or None when the disk was full: its new
+        snapshots are counted as lost, unless ``partial`` (an open stacked file written at a checkpoint: they
+        are still in memory and written when the file fills)."""
         path = self.series.directory / snapshot_name(steps[0])
         size = len(header) + sum(t.numel() * t.element_size() for t in tensors)
         try:
             if size < SMALL_FILE_BYTES and replaces is None:
                 self._group.add(path, header, tensors)
-                self._grouped.append((steps, size))
+                self._grouped.append((steps, size, partial))
                 with self._bytes_lock:
                     self._uncommitted += size
                 if len(self._group) >= GROUP_FILES:
@@ -257,7 +277,10 @@ class SnapshotWriter:
         except Exception as err:  # noqa: BLE001 - re-raised unless the disk is full
             if not is_disk_full(err):
                 raise
-            self.series.record_lost(steps[replaces[0] if replaces else 0:], "no space left on device")
+            if partial:
+                self._deferred(steps)
+            else:
+                self.series.record_lost(steps[replaces[0] if replaces else 0:], "no space left on device")
             return None
         self.stats.files += 0 if replaces else 1
         self.stats.direct_files += 1 if info.direct_bytes else 0
@@ -274,18 +297,29 @@ class SnapshotWriter:
             self._group.commit()
         except Exception as err:  # noqa: BLE001 - re-raised unless the disk is full
             with self._bytes_lock:
-                self._uncommitted -= sum(size for _, size in grouped)
+                self._uncommitted -= sum(size for _, size, _ in grouped)
             if not is_disk_full(err):
                 raise
-            for steps, _ in grouped:
-                self.series.record_lost(steps, "no space left on device")
+            for steps, _, partial in grouped:
+                if not partial:
+                    self.series.record_lost(steps, "no space left on device")
+                    continue
+                self._deferred(steps)
+                if self._stack is not None and self._stack.file_step == steps[0]:
+                    self._stack.on_disk = None  # its partial file never became visible
             return
         with self._bytes_lock:
-            for steps, size in grouped:
+            for steps, size, _ in grouped:
                 self.series.record_file(steps[0], len(steps), size)
                 self._uncommitted -= size
         self.stats.files += len(grouped)
         self.stats.grouped_files += len(grouped)
+
+    def _deferred(self, steps: list[int]) -> None:
+        """A checkpoint could not write the open stacked file (the disk is full): nothing is lost yet."""
+        self.series.event({"step": steps[-1], "event": "disk_full", "snapshots": 0,
+                           "reason": f"the open stacked file (steps {steps[0]}-{steps[-1]}) could not be written at a "
+                                     "checkpoint; it stays in memory and is written when it fills"})
 
     def _write_manifest(self, force: bool = False) -> None:
         now = time.monotonic()

@@ -102,6 +102,8 @@ def test_human_report_lists_sections(capsys):
         (["--preset", "gpt2", "--disk-budget", "\u0661\u0662"], "--disk-budget"),  # int() took these digits
         (["--preset", "llama-3-8b", "--compile"], "--compile"),  # the compiled model is for GPT-2-style blocks
         (["--preset", "gpt2", "--compile", "--strategy", "fsdp"], "--compile"),
+        (["--preset", "gpt2", "--optimizer", "sgd", "--momentum", "nan", "--json"], "--momentum"),  # printed NaN
+        (["--preset", "gpt2", "--optimizer", "sgd", "--momentum", "-1"], "--momentum"),  # exited 0
     ],
 )
 def test_bad_input_exits_2_with_one_line(args, flag):

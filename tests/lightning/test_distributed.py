@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent("""
     from helpers import TinyLM, token_loader
     {prelude}
     cb = BudgetCallback({snaps!r}, **{kwargs!r})
-    t = L.Trainer(max_steps=6, accelerator="cpu", devices=2, strategy={strategy}, logger=False,
+    t = L.Trainer(max_steps={max_steps}, accelerator="cpu", devices=2, strategy={strategy}, logger=False,
                   callbacks=[cb] + extra_callbacks(), enable_checkpointing=False, enable_progress_bar=False,
                   enable_model_summary=False, default_root_dir={root!r})
     try:
@@ -39,8 +39,9 @@ SCRIPT = textwrap.dedent("""
     rank = os.environ.get("LOCAL_RANK", "main" if {spawn!r} else "0")
     with open(os.path.join({root!r}, f"rank{{rank}}.json"), "w") as fh:
         json.dump({{"outcome": outcome, "message": message, "every": cb.save_every_n_steps,
-                   "bytes_written": cb.bytes_written, "projected_bytes": cb.projected_bytes,
+                   "bytes_written": cb.bytes_written, "projected_bytes": cb.projected_bytes, "summary": cb.summary(),
                    "decision": cb.forecast.decision if cb.forecast else None, **report(t, cb)}}, fh)
+    {epilogue}
 """)
 
 DEFAULT_PRELUDE = """
@@ -53,10 +54,11 @@ def report(trainer, cb):
 """
 
 
-def _run(tmp_path, kwargs, strategy='"ddp"', prelude=DEFAULT_PRELUDE, spawn=False):
+def _run(tmp_path, kwargs, strategy='"ddp"', prelude=DEFAULT_PRELUDE, spawn=False, max_steps=6, epilogue=""):
     script = tmp_path / "script.py"
     script.write_text(SCRIPT.format(tests=str(ROOT / "tests"), snaps=str(tmp_path / "s"), kwargs=kwargs,
-                                    strategy=strategy, root=str(tmp_path), prelude=prelude, spawn=spawn))
+                                    strategy=strategy, root=str(tmp_path), prelude=prelude, spawn=spawn,
+                                    max_steps=max_steps, epilogue=epilogue))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
@@ -71,7 +73,11 @@ def test_ddp_two_processes_write_one_series(tmp_path, record):
     assert SnapshotReader(tmp_path / "s").steps == [1, 2, 3, 4, 5, 6]
     assert results["0"]["bytes_written"] == results["0"]["projected_bytes"] == series_bytes(
         SnapshotLayout(50, 8, "bfloat16"), 6, 1)
-    record(ranks=2, files=6, steps=6)
+    # rank 1 reports the series too (before: 0 B, 0 B and "the series did not start")
+    assert results["1"]["bytes_written"] == results["1"]["projected_bytes"] == results["0"]["bytes_written"]
+    assert "rank 0 writes the series" in results["1"]["summary"] and "difference +0 B" in results["1"]["summary"]
+    record(ranks=2, files=6, steps=6, rank1=dict(bytes_written=results["1"]["bytes_written"],
+                                                 projected=results["1"]["projected_bytes"]))
 
 
 def test_ddp_budget_failure_stops_every_rank(tmp_path, record):
@@ -200,3 +206,38 @@ def test_fully_sharded_w_is_gathered_and_equals_the_full_matrix(tmp_path, record
     assert r0["strategy"] == "fsdp" and r0["capture"] >= 50 * 8 * 4  # the gathered fp32 W is in the forecast
     assert r0["bytes_written"] == r0["projected_bytes"]
     record(local_shape=r0["local_shape"], steps=reader.steps, capture_bytes=r0["capture"])
+
+
+FAILING_WRITER = DEFAULT_PRELUDE + """
+from datetime import timedelta
+from lightning.pytorch.strategies import DDPStrategy
+import budget_callback.snapshots.diskio as diskio
+real_write = diskio.write_snapshot_file
+def failing(path, *args, **kwargs):
+    if os.path.basename(str(path)).startswith((".step_000000003", "step_000000003")):
+        raise RuntimeError("disk controller on fire")
+    return real_write(path, *args, **kwargs)
+diskio.write_snapshot_file = failing
+def report(trainer, cb):
+    return {"stopped_at": trainer.global_step}
+"""
+# rank 0 lives on after its fit raised, until the other rank has ended (as a user's script or W&B may keep it)
+RANK_ZERO_LIVES_ON = """
+    if rank == "0":
+        for proc in getattr(t.strategy.launcher, "procs", []):
+            proc.wait()
+"""
+
+
+def test_a_writer_failure_on_rank_zero_stops_every_rank_with_its_cause(tmp_path, record):
+    """Before: rank 1 waited in the next collective as long as rank 0 lived (here up to the process group's
+    60 s timeout), then failed with gloo's own error, which does not say why."""
+    proc, results = _run(tmp_path, {}, strategy="DDPStrategy(timeout=timedelta(seconds=60))",
+                         prelude=FAILING_WRITER, max_steps=20, epilogue=RANK_ZERO_LIVES_ON)
+    r0, r1 = results["0"], results["1"]
+    assert r0["outcome"] == r1["outcome"] == "SnapshotWriteError", proc.stderr[-3000:]
+    assert "disk controller on fire" in r0["message"] and "disk controller on fire" in r1["message"]
+    assert "rank 0's snapshot writer failed" in r1["message"]
+    assert r0["stopped_at"] == r1["stopped_at"] <= 6  # one batch end after rank 0 saw it, of 20 steps
+    assert f"every rank stops at step {r1['stopped_at']}" in r1["message"]
+    record(rank0=r0["message"][:120], rank1=r1["message"][:160], stopped_at=r1["stopped_at"])

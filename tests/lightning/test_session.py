@@ -15,7 +15,7 @@ from lightning.pytorch.tuner import Tuner
 from budget_callback import BudgetCallback, SnapshotReader
 from budget_callback.errors import SnapshotDirInUseError
 from budget_callback.forecast.shapes import ModelShape
-from helpers import Filler, TinyLM, tmpfs, token_loader, trainer
+from helpers import Filler, TinyLM, checkpointed_run, tmpfs, token_loader, trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 WIDE = ModelShape(vocab_size=5000, d_model=64, n_layer=1, n_head=2, n_ctx=8, name="wide")  # 640 kB per bf16 W
@@ -37,17 +37,10 @@ def _files(path):
     return sorted((n, os.path.getsize(path / n)) for n in os.listdir(path) if n.endswith(".safetensors"))
 
 
-def _first_run(tmp_path, snaps, steps=6, ckpt_every=4, **kwargs):
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=ckpt_every, save_top_k=-1)
-    cb = BudgetCallback(snaps, **kwargs)
-    trainer(tmp_path, [cb, ckpt], max_steps=steps, enable_checkpointing=True).fit(TinyLM(), token_loader(n=200))
-    return cb, str(next(p for p in (tmp_path / "ckpt").iterdir() if f"step={ckpt_every}" in p.name))
-
-
 def test_resume_continues_the_series_and_its_projection(tmp_path):
-    first, path = _first_run(tmp_path, tmp_path / "s", save_every_n_steps=2)
+    first, path = checkpointed_run(tmp_path, tmp_path / "s", save_every_n_steps=2)
     assert SnapshotReader(tmp_path / "s").steps == [2, 4, 6]  # went on to step 6 after the step-4 checkpoint
-    second = BudgetCallback(tmp_path / "s", save_every_n_steps=1)  # requested interval differs: the series' wins
+    second = BudgetCallback(tmp_path / "s", save_every_n_steps=2)
     rec = RecordW()
     trainer(tmp_path, [second, rec], max_steps=10).fit(TinyLM(), token_loader(n=200), ckpt_path=path)
     reader = SnapshotReader(tmp_path / "s")
@@ -59,9 +52,25 @@ def test_resume_continues_the_series_and_its_projection(tmp_path):
     assert "by step 10" in second.summary() and "difference +0 B" in second.summary()
 
 
+def test_a_resume_that_asks_for_another_interval_gets_it_from_the_resume_on(tmp_path, record):
+    """Before: the series' interval was kept and nothing said so. The request is honoured from the resume on (the
+    disk is checked again), and said; asking the interval the series was started with keeps the series' own."""
+    _, path = checkpointed_run(tmp_path, tmp_path / "s", save_every_n_steps=2)
+    second = BudgetCallback(tmp_path / "s", save_every_n_steps=3)
+    with pytest.warns(UserWarning, match=r"`save_every_n_steps` changed from 2 .* to 3: the series snapshots every 3 "
+                                         r"steps from step 5 on"):
+        trainer(tmp_path, [second], max_steps=12).fit(TinyLM(), token_loader(n=200), ckpt_path=path)
+    assert SnapshotReader(tmp_path / "s").steps == [2, 4, 6, 9, 12]
+    assert second.save_every_n_steps == 3
+    on_disk = sum(size for _, size in _files(tmp_path / "s"))
+    assert second.bytes_written == second.projected_bytes == on_disk
+    assert any(e["event"] == "warning" and "changed from 2" in e["detail"] for e in second.events)
+    record(steps=SnapshotReader(tmp_path / "s").steps, every=second.save_every_n_steps, bytes=on_disk)
+
+
 def test_resume_mid_stack_continues_the_open_file(tmp_path, record):
     """A resume leaves the same files as a run that was never interrupted."""
-    _, path = _first_run(tmp_path, tmp_path / "s", steps=10, ckpt_every=6, snapshots_per_file=4,
+    _, path = checkpointed_run(tmp_path, tmp_path / "s", steps=10, ckpt_every=6, snapshots_per_file=4,
                          snapshot_dtype="float32")
     second = BudgetCallback(tmp_path / "s", snapshots_per_file=4, snapshot_dtype="float32")
     rec = RecordW()
@@ -121,9 +130,9 @@ def test_checkpoint_without_callback_state_does_not_mix_runs(tmp_path, record):
 
 def test_relative_then_absolute_spelling_resumes_the_same_series(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    _, path = _first_run(tmp_path, "s", save_every_n_steps=2)
+    _, path = checkpointed_run(tmp_path, "s", save_every_n_steps=2)
     monkeypatch.chdir("/")
-    second = BudgetCallback(tmp_path / "s", save_every_n_steps=1)
+    second = BudgetCallback(tmp_path / "s", save_every_n_steps=2)
     trainer(tmp_path, [second], max_steps=8).fit(TinyLM(), token_loader(n=200), ckpt_path=path)
     assert second.save_every_n_steps == 2  # the state was found: the interval is restored
     assert SnapshotReader(tmp_path / "s").steps == [2, 4, 6, 8]
@@ -169,7 +178,7 @@ def test_a_second_fit_on_the_same_instance_portable(tmp_path):
 
 
 def test_resume_with_another_dtype_is_refused(tmp_path, record):
-    _, path = _first_run(tmp_path, tmp_path / "s")
+    _, path = checkpointed_run(tmp_path, tmp_path / "s")
     before = _listing(tmp_path / "s")
     with pytest.raises(ValueError, match="`snapshot_dtype` is 'float32' but .* snapshot_dtype='bfloat16'") as info:
         trainer(tmp_path, [BudgetCallback(tmp_path / "s", snapshot_dtype="float32")], max_steps=8).fit(
@@ -205,8 +214,8 @@ class LateRestore(SingleDeviceStrategy):
 
 
 def test_resume_under_a_strategy_that_restores_late(tmp_path, record):
-    _, path = _first_run(tmp_path, tmp_path / "s", save_every_n_steps=2)
-    second = BudgetCallback(tmp_path / "s")
+    _, path = checkpointed_run(tmp_path, tmp_path / "s", save_every_n_steps=2)
+    second = BudgetCallback(tmp_path / "s", save_every_n_steps=2)  # without the state: refused (another run's)
     trainer(tmp_path, [second], max_steps=10, strategy=LateRestore(device=torch.device("cpu"))).fit(
         TinyLM(), token_loader(n=200), ckpt_path=path)
     assert second.save_every_n_steps == 2 and SnapshotReader(tmp_path / "s").steps == [2, 4, 6, 8, 10]
@@ -215,7 +224,7 @@ def test_resume_under_a_strategy_that_restores_late(tmp_path, record):
 
 
 def test_stale_temporaries_of_any_writer_are_cleaned_at_the_next_start(tmp_path, record):
-    _, path = _first_run(tmp_path, tmp_path / "s")
+    _, path = checkpointed_run(tmp_path, tmp_path / "s")
     (tmp_path / "s" / ".tmpXy12Ab").write_bytes(b"left by safetensors' writer when killed")
     (tmp_path / "s" / ".step_000000007.safetensors.tmp-4242").write_bytes(b"ours")
     cb = BudgetCallback(tmp_path / "s")

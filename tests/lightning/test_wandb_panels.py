@@ -88,3 +88,24 @@ def test_forecast_counts_every_scalar_the_callback_logs(tmp_path):
     assert len(scalars) == CALLBACK_METRICS == cb.forecast.inputs.logging.budget_metrics, sorted(scalars)
     size = os.path.getsize(glob.glob(os.path.join(run_dir, "run-*.wandb"))[0])
     assert abs(cb.forecast.wandb["run_file_bytes"] - size) / size < 0.5  # tiny run: fixed part dominates
+
+
+def test_wandb_chart_compares_like_with_like(tmp_path):
+    """wandb-core writes its run file in whole 32 KiB blocks while the run lives. Before: the chart set the
+    forecast of the finished file against the blocks written so far (13 KB "actual" against a 27 KB forecast)."""
+    block, header = 32_768, 7
+    logger = WandbLogger(project="budget-test", save_dir=str(tmp_path), offline=True)
+    cb = BudgetCallback(tmp_path / "snaps", verbose=False)
+    trainer(tmp_path, [cb], max_steps=40, logger=logger, log_every_n_steps=1).fit(TinyLM(), token_loader(n=160))
+    run_dir = os.path.dirname(logger.experiment.dir)
+    wandb.finish()
+    recs = read_complete(run_dir)
+    chart = load_table(run_dir, media_in_history(history_rows(recs))["budget/wandb_chart_table"])
+    series = {}
+    for step, key, value in chart["data"]:
+        series.setdefault(key, {})[step] = value
+    for key in ("projected", "actual"):
+        assert all(v == header or v % block == 0 for v in series[key].values()), key
+    assert max(series["actual"].values()) >= block  # the run crossed blocks while it lived
+    off = [abs(series["projected"][s] - series["actual"][s]) for s in series["actual"]]
+    assert max(off) <= block and sum(o == 0 for o in off) >= len(off) // 2
