@@ -143,10 +143,11 @@ class Clock(L.Callback):
 
     def __init__(self) -> None:
         self.t: float | None = None
+        self.cpu: float | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == 0 and self.t is None:
-            self.t = time.perf_counter()
+            self.t, self.cpu = time.perf_counter(), time.process_time()
 
 
 # ============================================================================ the models (what a user writes)
@@ -171,10 +172,11 @@ def llama(layers=4, d=256, vocab=V):
                                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024))
 
 
-def gpt2(layers=4, d=256, vocab=V):
+def gpt2(layers=4, d=256, vocab=V, dropout=0.1):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=d, n_layer=layers, n_head=4, n_positions=1024))
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=d, n_layer=layers, n_head=4, n_positions=1024,
+                                      resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout))
 
 
 def gpt_neox(layers=4, d=256, vocab=V):
@@ -308,6 +310,10 @@ def case_gpt2_compiled():
     return torch.compile(CausalLM(gpt2(), log=False)), tokens(4, 256), {}
 
 
+def case_gpt2_compiled_no_dropout():
+    return torch.compile(CausalLM(gpt2(dropout=0.0), log=False)), tokens(4, 256), {}
+
+
 def case_gpt2_eager():
     return CausalLM(gpt2()), tokens(4, 256), {}
 
@@ -397,6 +403,7 @@ CASES = {
     "qwen2-sgd": (case_qwen2_sgd, "HF Qwen2, plain SGD, 2x128, fp32", 1.0),
     "qwen2-compiled": (case_qwen2_compiled, "HF Qwen2, `trainer.fit(torch.compile(lit))`, AdamW, 4x256, fp32 (no self.log)", 3.0),
     "gpt2-compiled": (case_gpt2_compiled, "HF GPT-2 (4 layers, 256 wide, V=8,192), `trainer.fit(torch.compile(lit))`, AdamW, 4x256, fp32", 3.0),
+    "gpt2-compiled-no-dropout": (case_gpt2_compiled_no_dropout, "control (not in the issue): gpt2-compiled with its three dropouts at 0 (GPT2Config's default 0.1 elsewhere)", 3.0),
     "gpt2-eager": (case_gpt2_eager, "control (not in the issue): the same HF GPT-2 uncompiled, AdamW, 4x256, fp32", 1.0),
     "gpt-neox": (case_gpt_neox, "HF GPT-NeoX (4 layers, 256 wide, V=8,192), AdamW, 4x256, fp32", 1.0),
     "bert-mlm": (case_bert_mlm, "HF BERT masked LM (4 layers, 256 wide, V=8,192, 15% masked), AdamW, 4x256, fp32", 1.0),
@@ -457,6 +464,7 @@ def run_case(name: str, out: Path, probe_from_start: bool = False) -> None:
     record["real_bytes"] = probe.peak_bytes
     record["start_bytes"] = probe.start_bytes
     record["fit_start_seconds"] = (after.t - before.t) if before.t is not None and after.t is not None else None
+    record["fit_start_cpu_seconds"] = (after.cpu - before.cpu) if before.t is not None and after.t is not None else None
     try:
         f = cb.forecast
         if f is not None:

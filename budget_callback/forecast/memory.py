@@ -544,6 +544,37 @@ def trace_at_batch(trace: dict, per_sample: dict[str, int], batch_from: int, bat
     return {k: v + per_sample.get(k, 0) * (batch - batch_from) if isinstance(v, int) else v for k, v in trace.items()}
 
 
+def trace_at_blocks(low: dict, high: dict, blocks: int, at: tuple[int, int] = (1, 2)) -> dict:
+    """A traced step at ``blocks`` identical blocks from traces of the same model cut to ``at[0]`` and ``at[1]``
+    blocks: every byte and FLOP figure on the line through them. Where the traces carry the peak of each part of
+    a pass (``segments``: before the stack, its bottom and top blocks, after it; see
+    ``lightning.tracing.TraceSession._segment_hooks``), each part is on its line and a pass's peak is the
+    largest of them there: memory moves linearly through identical blocks, so the peak of a deeper stack may sit
+    in another part than it did in a shallow one (a backward whose gradients outgrow the activations it frees
+    peaks at its end, not its start), and each part's line finds it."""
+    a, b = at
+
+    def line(x: int, y: int) -> int:
+        return x + (blocks - a) * (y - x) // (b - a)
+    out = {k: (line(low[k], v) if isinstance(v, int) and isinstance(low.get(k), int) else v) for k, v in high.items()}
+    if isinstance(low.get("segments"), dict) and isinstance(high.get("segments"), dict):
+        segments = {k: line(low["segments"][k], v) for k, v in high["segments"].items() if k in low["segments"]}
+        out["segments"] = segments
+        for phase in {k.split("/")[0] for k in segments}:
+            out[f"{phase}_peak_bytes"] = max(v for k, v in segments.items() if k.split("/")[0] == phase)
+    phases = {k.removesuffix("_peak_bytes"): v for k, v in out.items() if k.endswith("_peak_bytes") and k != "peak_bytes"}
+    out["peak_phase"] = max(phases, key=phases.get)
+    out["peak_bytes"] = phases[out["peak_phase"]]
+    parts = ("params_bytes", "buffers_bytes", "gradients_bytes", "optimizer_state_bytes", "batch_bytes")
+    out["activations_bytes"] = out["peak_bytes"] - sum(out[k] for k in parts)
+    return out
+
+
+def on_one_line(one: dict, two: dict, three: dict, keys: tuple[str, ...]) -> bool:
+    """Do the traces at one, two and three blocks grow by the same bytes per block (every phase's peak)?"""
+    return all(three[k] - two[k] == two[k] - one[k] for k in keys if k in one and k in two and k in three)
+
+
 def max_batch_size_traced(trace: dict, per_sample: dict[str, int], batch_from: int, setup: TrainSetup,
                           budget_bytes: int, capture_bytes: int = 0, limit: int = 1 << 20,
                           exact: dict[int, dict] | None = None, sharded: ShardedModel | None = None) -> int | None:

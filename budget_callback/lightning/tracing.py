@@ -68,6 +68,9 @@ class _LiveStorageTracker(TorchDispatchMode):
         self.phase_peak_bytes: dict[str, int] = {}
         self.phase_start_bytes: dict[str, int] = {}
         self.phase_gradient_bytes: dict[str, int] = {}
+        self.segment = ""  # within a phase, the part of the model running (the cut stack's blocks: .blocks)
+        self.segment_peak_bytes: dict[str, int] = {}  # "phase/segment" -> the peak within it
+        self.timeline: list[tuple[str, int]] | None = None  # (phase, live bytes) after every event, when kept
 
     def track(self, tensors: Any) -> None:
         """Start counting the storages of every tensor in the pytree ``tensors``."""
@@ -81,6 +84,13 @@ class _LiveStorageTracker(TorchDispatchMode):
         self.phase_peak_bytes[phase] = self.current_bytes
         self.phase_start_bytes[phase] = self.current_bytes
         self.phase_gradient_bytes[phase] = gradient_bytes
+        self.set_segment("before")
+
+    def set_segment(self, segment: str) -> None:
+        """Label subsequent allocations within the phase (``before``, ``block_bottom``, ``block_top``, ...)."""
+        self.segment = segment
+        key = f"{self.phase}/{segment}"
+        self.segment_peak_bytes[key] = max(self.segment_peak_bytes.get(key, 0), self.current_bytes)
 
     def reset_peak(self) -> None:
         """Forget the peak so far; the next peak starts from the current bytes."""
@@ -89,6 +99,7 @@ class _LiveStorageTracker(TorchDispatchMode):
         self.phase_peak_bytes = {}
         self.phase_start_bytes = {}
         self.phase_gradient_bytes = {}
+        self.segment_peak_bytes = {}
 
     def _add(self, storage: torch.UntypedStorage) -> None:
         key = id(storage)
@@ -99,6 +110,11 @@ class _LiveStorageTracker(TorchDispatchMode):
         self.current_bytes += nbytes
         if self.current_bytes > self.phase_peak_bytes.get(self.phase, 0):
             self.phase_peak_bytes[self.phase] = self.current_bytes
+        key = f"{self.phase}/{self.segment}"
+        if self.current_bytes > self.segment_peak_bytes.get(key, 0):
+            self.segment_peak_bytes[key] = self.current_bytes
+        if self.timeline is not None:
+            self.timeline.append((self.phase, self.current_bytes))
         if self.current_bytes > self.peak_bytes:
             self.peak_bytes = self.current_bytes
             self.peak_phase = self.phase
@@ -106,6 +122,23 @@ class _LiveStorageTracker(TorchDispatchMode):
     def _release(self, key: int, nbytes: int, _ref: weakref.ref) -> None:
         del self._refs[key]
         self.current_bytes -= nbytes
+        if self.timeline is not None:
+            self.timeline.append((self.phase, self.current_bytes))
+
+    def half_peaks(self) -> dict[str, int]:
+        """``phase/first_half`` and ``phase/second_half``: the peak in each half of a phase's events (a compiled
+        graph shows no blocks: memory moving linearly through identical blocks peaks near one end or the
+        middle, each on a line in the depth)."""
+        by_phase: dict[str, list[int]] = {}
+        for phase, live in self.timeline or ():
+            by_phase.setdefault(phase, []).append(live)
+        out = {}
+        for phase, series in by_phase.items():
+            start = self.phase_start_bytes.get(phase, series[0])
+            half = len(series) // 2
+            out[f"{phase}/first_half"] = max([start, *series[:half]])
+            out[f"{phase}/second_half"] = max([start, *series[half:]])
+        return out
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         if func._schema.is_mutable and (self.guard or (self.watched and not self.in_optimizer)):
@@ -200,7 +233,7 @@ class TraceSession:
                  optimizer_kwargs: dict[str, Any] | None = None, optimizer_overrides: dict[str, Any] | None = None,
                  order: StepOrder | None = None, autocast_dtype: torch.dtype | None = None,
                  watch: dict[str, torch.Tensor] | None = None, shape_env=None,  # noqa: ANN001
-                 real_warm_up: bool = False, device: str = "cpu") -> None:
+                 real_warm_up: bool = False, device: str = "cpu", cut: tuple[Any, int] | None = None) -> None:
         if autocast_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"`autocast_dtype` can be None, torch.bfloat16 or torch.float16, got {autocast_dtype}.")
         self.module, self.loss_fn = module, loss_fn
@@ -214,8 +247,10 @@ class TraceSession:
         self.real_warm_up = real_warm_up
         self.synthetic = False
         self.device = device  # the fake device: "cpu" (anywhere) or "cuda" (only where CUDA is present)
+        self.cut = cut  # (a .blocks.Stack, n): the module traced with its stack cut to its first n blocks
 
     warm_up_each_batch = False  # the compiled tracer warms up on every batch shape (new graphs are compiled)
+    segments_by = "blocks"  # a cut stack's passes are split at its blocks (compiled graphs: "halves")
 
     def context(self) -> contextlib.AbstractContextManager:
         """Around everything that runs fake code (the compiled tracer adds its stubbed inductor)."""
@@ -231,6 +266,8 @@ class TraceSession:
         """A warm-up step on ``batches[0]``, then one measured step per batch: the figures of each."""
         with FakeModule(self.module, self.fake_mode, self.device) as fake:
             self._know_buffers(fake)
+            if self.cut is not None:
+                self.cut[0].cut(self.cut[1])
             self.prepare(fake)
             params = [p for p in self.module.parameters() if p.requires_grad]
             if not params:
@@ -299,9 +336,17 @@ class TraceSession:
             reached.update(_reached_parameters(loss))
             if self.before_backward is not None:
                 self.before_backward(loss)
-        with tracker, counter:
-            run_step(self.module, fbatch, self.loss_fn, fake.optimizers, self.order, self.autocast_dtype, phase,
-                     before_backward, self.device)
+        hooks = (self._segment_hooks(tracker) if self.cut is not None and not self.order.manual
+                 and self.segments_by == "blocks" else [])
+        if self.cut is not None and self.segments_by == "halves":
+            tracker.timeline = []
+        try:
+            with tracker, counter:
+                run_step(self.module, fbatch, self.loss_fn, fake.optimizers, self.order, self.autocast_dtype, phase,
+                         before_backward, self.device)
+        finally:
+            for hook in hooks:
+                hook.remove()
         if self.synthetic and any(id(p) not in reached for p in params):
             raise _UnreachedParameters()
         result = {
@@ -324,7 +369,45 @@ class TraceSession:
         result["train_flops"] = int(counter.get_total_flops()) // (2 if self.order.grad_accum > 1 else 1)
         result["written_in_step"] = sorted(tracker.written)
         result["values_answered"] = self.known.answered
+        if tracker.timeline is not None:
+            result["segments"] = tracker.half_peaks()
+        elif hooks:
+            result["segments"] = dict(tracker.segment_peak_bytes)
         return result
+
+    def _segment_hooks(self, tracker: _LiveStorageTracker) -> list:
+        """Hooks on the cut stack's blocks that label the parts of each pass: in the forward ``before``, the
+        bottom block, the blocks between, the top block, ``after``; in the backward (which meets them top
+        down, through a hook on each block's output node: no tensor added) ``before`` (the loss and the head),
+        the top block, the blocks between, the bottom block and what follows it. Memory moves linearly through a
+        stack of identical blocks, so a pass's peak is in one of these parts (:func:`..forecast.memory.
+        trace_at_blocks`)."""
+        stack, n = self.cut
+        blocks = list(stack.container)[:n]
+        handles = []
+
+        def name(j: int) -> str:
+            return "block_bottom" if j == 0 else "block_top" if j == n - 1 else "block_between"
+
+        def on_node(j: int):
+            return lambda *_: tracker.set_segment(name(j))
+
+        for j, block in enumerate(blocks):
+            def pre(module, args, j=j):
+                if tracker.phase.endswith("forward"):
+                    tracker.set_segment(name(j))
+
+            def post(module, args, out, j=j):
+                if not tracker.phase.endswith("forward"):
+                    return
+                first = next((t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn), None)
+                if first is not None:
+                    handles.append(first.grad_fn.register_prehook(on_node(j)))
+                if j == n - 1:
+                    tracker.set_segment("after")
+            handles.append(block.register_forward_pre_hook(pre))
+            handles.append(block.register_forward_hook(post))
+        return handles
 
 
 class _UnreachedParameters(Exception):

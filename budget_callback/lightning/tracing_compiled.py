@@ -384,6 +384,7 @@ class CompiledTraceSession(TraceSession):
     """A :class:`.tracing.TraceSession` whose compiled regions are compiled by inductor with stubbed kernels."""
 
     warm_up_each_batch = True  # static shapes: a new batch shape compiles new graphs, outside the measurement
+    segments_by = "halves"  # one graph: its blocks are not seen, a cut stack's passes are split in halves
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -165,10 +165,10 @@ def test_a_compiled_run_says_how_it_was_forecast_and_why_on_any_torch(tmp_path, 
     """Where the compiled tracer cannot run (torch < 2.11: no ``innermost_backend``; 2.6 also no
     ``GraphLowering._compile_to_module_lines``) the run is forecast as eager, the higher figure, and the report
     says so with the reason. On an older torch this is that torch; on a newer one the reason is simulated."""
-    import budget_callback.lightning.planning as planning
+    import budget_callback.lightning.measure as measure
 
     why = UNSUPPORTED or "the compiled tracer needs torch >= 2.11; this is torch 2.6.0 (simulated)"
-    monkeypatch.setattr(planning, "compiled_trace_unsupported", lambda: why)
+    monkeypatch.setattr(measure, "compiled_trace_unsupported", lambda: why)
     model = LlamaLM(vocab=64, d=16)
     model.compile()
     cb = BudgetCallback(tmp_path / "s", snapshot_dtype="float32", verbose=False)
