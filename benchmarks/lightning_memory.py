@@ -580,12 +580,13 @@ def report(rows: list[dict], header: str, argv: list[str], probe_from_start: boo
         "listed before the callback" + (", its profiler started at batch 0 as in the tests" if probe_from_start else
         ", its profiler started at the batch before the measured one, after the fit-start forecast") + "). "
         "Error = (forecast - real) / real: negative errs low (the run would be told \"fits\" and could OOM). "
-        "Fit-start seconds = the callback's first `on_train_batch_start` (the forecast), wall time on a shared "
-        "machine" + (", with the probe's profiler running" if probe_from_start else "") + ". Target (issue 15): "
+        "Fit-start seconds = the callback's first `on_train_batch_start` (the forecast): wall time on a shared "
+        "machine, and the process's CPU time (both torch threads; less sensitive to other load)"
+        + (", with the probe's profiler running" if probe_from_start else "") + ". Target (issue 15): "
         "|error| <= 1% eager, <= 3% compiled and FSDP2 per device. Each case runs in its own subprocess, one at a "
         "time.",
         "",
-        "| case | forecast (MiB) | real step (MiB) | error | target | result | fit-start s | method / mode | notes |",
+        "| case | forecast (MiB) | real step (MiB) | error | target | result | fit-start s (wall / CPU) | method / mode | notes |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     details = []
@@ -598,13 +599,15 @@ def report(rows: list[dict], header: str, argv: list[str], probe_from_start: boo
         result = "n/a" if err is None else ("**pass**" if abs(err) <= target else "**MISS**")
         if r["outcome"] != "ok":
             result = "**FAILED**"
-        secs = r.get("fit_start_seconds")
+        secs, cpu = r.get("fit_start_seconds"), r.get("fit_start_cpu_seconds")
         method = f"{r.get('method') or '—'} / {r.get('mode') or '—'}"
         notes = []
         if r["outcome"] != "ok":
             notes.append(f"run failed: `{r['outcome'][:300]}`")
         if r.get("symbolic"):
             notes.append("forecast figures are torch SymInts, not ints: " + ", ".join(f"`{k}`" for k in r["symbolic"]))
+        if r["outcome"] == "ok" and r.get("rc") not in (0, None):
+            notes.append(f"the case's process exited with {r.get('rc')} after the fit")
         if r["outcome"] == "ok" and real is None:
             notes.append("the measured batch never ran")
         if r.get("forecast_error"):
@@ -620,7 +623,7 @@ def report(rows: list[dict], header: str, argv: list[str], probe_from_start: boo
                 notes.append(f"rank 1: forecast {mib(fo)}, real {mib(ro)} ({eo})")
         lines.append(f"| {name}: {desc} | {mib(f)} | {mib(real)} | "
                      f"{'—' if err is None else f'{err:+.2f}%'} | ±{target:g}% | {result} | "
-                     f"{'—' if secs is None else f'{secs:.1f}'} | {method} | {'; '.join(notes) or ''} |")
+                     f"{'—' if secs is None else f'{secs:.1f} / {cpu:.1f}'} | {method} | {'; '.join(notes) or ''} |")
         d = [f"- **{name}** (subprocess {r.get('wall_seconds', 0):.0f} s, rc {r.get('rc')}): "
              f"peak phase `{r.get('peak_phase')}`, strategy `{r.get('strategy')}`, precision `{r.get('precision')}`; "
              f"forecast parts " + ", ".join(f"{k[:-6]} {mib(v)}" for k, v in (r.get('parts') or {}).items())

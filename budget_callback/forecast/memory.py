@@ -570,11 +570,6 @@ def trace_at_blocks(low: dict, high: dict, blocks: int, at: tuple[int, int] = (1
     return out
 
 
-def on_one_line(one: dict, two: dict, three: dict, keys: tuple[str, ...]) -> bool:
-    """Do the traces at one, two and three blocks grow by the same bytes per block (every phase's peak)?"""
-    return all(three[k] - two[k] == two[k] - one[k] for k in keys if k in one and k in two and k in three)
-
-
 def max_batch_size_traced(trace: dict, per_sample: dict[str, int], batch_from: int, setup: TrainSetup,
                           budget_bytes: int, capture_bytes: int = 0, limit: int = 1 << 20,
                           exact: dict[int, dict] | None = None, sharded: ShardedModel | None = None) -> int | None:

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..forecast.engine import Measured
 from ..forecast.flops import train_flops_per_step
-from ..forecast.memory import (ESTIMATE_MARGIN, ShardedModel, TrainSetup, on_one_line, peak_memory,
+from ..forecast.memory import (ESTIMATE_MARGIN, ShardedModel, TrainSetup, peak_memory,
                                peak_memory_from_trace, structure_shape, trace_at_blocks, with_activation_margin)
 from ..forecast.precision import optimizer_states_per_param
 from ..forecast.shapes import ModelShape
@@ -151,20 +151,21 @@ class _Tracer:
     def _extrapolated(self, batches: list, compiled: bool) -> list[dict]:
         """Eager: the stack cut to two and three blocks, each part of each pass on its line (the peak may move
         from one part to another as the stack deepens). Compiled (one graph: its blocks are not seen): each half
-        of each pass, cut to two, three and four blocks, which must be on one line."""
-        sizes = (2, 3, 4) if compiled else (2, 3)
+        of each pass, cut to one and two blocks, checked against the stack cut to three (the line through one and
+        two must give three's figures, else the whole model is traced)."""
+        sizes = (1, 2, 3) if compiled else (2, 3)
         cut = {n: self._run(batches, compiled, (self.stack, n)) for n in sizes}
         out = []
         for i in range(len(batches)):
             traces = [cut[n][i] for n in sizes]
             if not all("segments" in t for t in traces):
                 raise _NotOnOneLine("the parts of the passes were not seen")
-            if compiled:  # halves of a pass are on a line only where the peak sits in no half's middle: checked
-                two, three, four = (t["segments"] for t in traces)
-                bent = [k for k in four if k in two and k in three and four[k] - three[k] != three[k] - two[k]]
+            if compiled:
+                guess = trace_at_blocks(traces[0], traces[1], 3, at=(1, 2))
+                bent = [k for k in _PHASE_PEAKS if k in guess and guess[k] != traces[2][k]]
                 if bent:
-                    raise _NotOnOneLine(", ".join(f"{k}: +{three[k] - two[k]:,} then +{four[k] - three[k]:,}"
-                                                  for k in bent[:3]))
+                    raise _NotOnOneLine(", ".join(f"{k} at 3 blocks: {guess[k]:,} on the line, {traces[2][k]:,} "
+                                                  "traced" for k in bent[:3]))
             out.append(trace_at_blocks(traces[0], traces[1], self.stack.depth, at=sizes[:2]))
         return out
 
