@@ -22,7 +22,7 @@ Nothing is tuned to pass: a miss is reported as measured.
 
 Needs, besides the project: ``pip install transformers peft`` (tried with transformers 5.25.0, peft 0.22.0).
 
-    python benchmarks/lightning_memory.py                   # every case, ~10-15 min on 2 shared cores
+    python benchmarks/lightning_memory.py                   # every case, ~11-17 min on 2 shared cores
     python benchmarks/lightning_memory.py --only qwen2-sgd bert-mlm   # some cases (the results file lists only them)
     python benchmarks/lightning_memory.py --list            # the case names
 

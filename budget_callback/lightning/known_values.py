@@ -4,8 +4,9 @@ Fake tensors have shapes, not values, so a step that asks a question of a tensor
 ``nn.Transformer`` checks whether its mask is causal with ``bool((mask == causal).all())``. But that mask is
 built from shapes alone (``torch.triu(torch.ones(T, T))``), and its value is known without running the model.
 
-:class:`KnownValues` is a dispatch mode that follows such tensors: a tensor made by a factory op (``ones``,
-``full``, ``arange``, ``tensor(...)``; not a random one), a small buffer of the module (copied, read only), and
+:class:`KnownValues` is a dispatch mode that follows such tensors: a tensor made by a factory op that fills it (``ones``,
+``full``, ``arange``, ``zeros_like``, ``tensor(...)``; not ``empty``, whose memory holds anything, nor a random
+one), a small buffer of the module (copied, read only), and
 whatever is computed from them alone carries a real *value* beside its fake (computed on the CPU with the same
 op, only while it is small: :data:`VALUE_LIMIT_BYTES`). A question asked of a tensor with a known value
 (``bool``, ``.item()``, ``torch.equal``, ``nonzero`` ...) is answered from it; a tensor written with anything
@@ -32,6 +33,10 @@ VALUE_LIMIT_BYTES = 16 << 20  # a value is kept for tensors up to this size (a 2
 
 _aten = torch.ops.aten
 _SCALAR_READS = {_aten._local_scalar_dense.default}
+# ops whose output is known from their arguments' shapes and dtypes alone (``empty`` is not: its memory is
+# whatever was there; ``rand`` draws): a tensor argument is only a template
+_PRODUCERS = {"ones", "zeros", "full", "arange", "linspace", "logspace", "eye", "scalar_tensor", "lift_fresh",
+              "lift_fresh_copy", "new_ones", "new_zeros", "new_full", "ones_like", "zeros_like", "full_like"}
 
 
 def _small(t: torch.Tensor) -> bool:
@@ -61,6 +66,12 @@ class KnownValues(TorchDispatchMode):
             return t if t.device.type == "cpu" and _small(t) else None
         return self.values.get(t)
 
+    @staticmethod
+    def _template(t: torch.Tensor) -> torch.Tensor:
+        """A real stand-in for a tensor whose values do not matter (``zeros_like(t)``): its shape and dtype."""
+        with disable_dispatch_modes():
+            return torch.empty(t.shape if _small(t) else (0,), dtype=t.dtype)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         if not self.enabled:
@@ -68,7 +79,10 @@ class KnownValues(TorchDispatchMode):
         flat, spec = tree_flatten((args, kwargs))
         tensors = [x for x in flat if isinstance(x, torch.Tensor)]
         known = None
-        if torch.Tag.nondeterministic_seeded not in func.tags:
+        producer = func.overloadpacket.__name__ in _PRODUCERS
+        if producer and func.overloadpacket.__name__ != "lift_fresh" and tensors:  # a template: shape and dtype
+            known = [self._template(t) for t in tensors]
+        elif (tensors or producer) and torch.Tag.nondeterministic_seeded not in func.tags:
             values = [self._value(t) for t in tensors]
             if all(v is not None for v in values):
                 known = values
