@@ -14,6 +14,7 @@ environment's table to the section, one table per wandb version:
 
     python benchmarks/wandb_run_file.py                  # ~6 min here
     .venv-old/bin/python benchmarks/wandb_run_file.py    # the same with the oldest pins' wandb and Lightning
+    python benchmarks/wandb_run_file.py --quick          # the three 200-step cases, one run each
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ def one_run(steps: int, log_every: int, bar: bool, console: str, root: Path) -> 
     return {"forecast": cb.forecast.wandb, "size": os.path.getsize(files[0])}
 
 
+QUICK_CASES = CASES[:3]  # 200 steps: the progress bar, none, and W&B's console capture off
+
+
 def run_case(steps: int, log_every: int, bar: bool, console: str, rep: int) -> dict:
     root = tmp_dir("wandb_run_file") / f"s{steps}-e{log_every}-{'bar' if bar else 'nobar'}-{console}-r{rep}"
     shutil.rmtree(root, ignore_errors=True)
@@ -109,9 +113,10 @@ def main() -> int:
     import wandb
 
     target = 0.20 if wandb.__version__ == FITTED_ON else 0.25
-    reps = 2
+    quick = "--quick" in sys.argv
+    reps, cases = (1, QUICK_CASES) if quick else (2, CASES)
     rows = []
-    for steps, every, bar, console in CASES:
+    for steps, every, bar, console in cases:
         sizes, info = [], None
         for r in range(reps):
             got = run_case(steps, every, bar, console, r)
@@ -125,10 +130,12 @@ def main() -> int:
                 f"{', WANDB_CONSOLE=off' if console == 'off' else ''}")
         rows.append([what, f"{info['run_file_bytes']:,}", f"{info['console_bytes']:,}", f"{m:,.0f}",
                      spread(sizes, "{:,.0f}"), f"{err * 100:+.1f}%", f"within {target:.0%}",
-                     verdict(abs(err) <= target), f"`{os.path.relpath(sys.executable, ROOT)} benchmarks/wandb_run_file.py`"])
+                     verdict(abs(err) <= target),
+                     f"`{os.path.relpath(sys.executable, ROOT)} benchmarks/wandb_run_file.py{' --quick' if quick else ''}`"])
     versions = f"wandb {wandb.__version__}, Lightning {lightning.__version__}, tqdm {tqdm.__version__}"
     table_md = "\n".join([
-        f"### {versions}" + (" (the versions the model was fitted on)" if wandb.__version__ == FITTED_ON else ""),
+        f"### {versions}" + (" (the versions the model was fitted on)" if wandb.__version__ == FITTED_ON else "")
+        + (f" (`--quick`: {len(cases)} cases, {reps} run each)" if quick else ""),
         "",
         table(["run", "forecast B", "of which console B", "run file B (median)", "spread", "error", "target",
                "result", "command"], rows),
