@@ -13,7 +13,8 @@ tqdm 4.70.1; running this script in another environment (the oldest declared pin
 environment's table to the section, one table per wandb version:
 
     python benchmarks/wandb_run_file.py                  # ~6 min here
-    .venv-old/bin/python benchmarks/wandb_run_file.py    # the same with the oldest pins' wandb and Lightning
+    .venv-oldest/bin/python benchmarks/wandb_run_file.py # the oldest pins: python3 -m venv .venv-oldest &&
+                                                         #   .venv-oldest/bin/pip install -r .ci/oldest.txt -e .
     python benchmarks/wandb_run_file.py --quick          # the three 200-step cases, one run each
 """
 
