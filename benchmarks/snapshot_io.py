@@ -1,7 +1,7 @@
 """Benchmark 1b: snapshot file I/O: the product's writer and reader against the disk and the alternatives.
 
 Writer (three sizes, one table each). Every round runs every method once, in a fresh (seeded)
-random order (the prototype rotated the order, which gives every method the same neighbour);
+random order (a fixed rotation would give every method the same neighbour);
 "vs raw" is raw's time divided by the method's time *in the same round* (> 1: faster than raw),
 median and min–max over the rounds. After each method's turn its files
 are unlinked and the directory fsynced outside the timed region (the disk is mounted with
@@ -14,7 +14,7 @@ are unlinked and the directory fsynced outside the timed region (the disk is mou
   ``tests/helpers.write_series`` does, from FileImages filled once outside the timed region and
   reused; timed from the first ``submit`` to ``close()`` returning (files durable, manifest written);
 * the writer's own building blocks called bare in the same rounds (``diskio.write_snapshot_file``,
-  ``diskio.GroupCommit``): the prototype's functions, for "where does the writer's time go";
+  ``diskio.GroupCommit``), for "where does the writer's time go";
 * what a user would otherwise use: ``safetensors.torch.save_file`` (+ fsync, and without),
   ``torch.save`` (+ fsync, and without), Lightning ``AsyncCheckpointIO(TorchCheckpointIO())``,
   ``torch.distributed.checkpoint.async_save(no_dist=True)``, ``numpy.memmap`` + ``flush``, and
@@ -200,7 +200,7 @@ class WriteCase:
             self.raw_parts = [[memoryview(self.headers[f])] +
                               [as_bytes(im.tensors["unembedding"]) for im in self.images[f * K:(f + 1) * K]]
                               for f in range(files)]
-            # the prototype's setup at 1 GB: the whole stacked file in one aligned image (zero copy)
+            # at 1 GB: the whole stacked file in one aligned image (zero copy)
             h = self.headers[0]
             buf = diskio.aligned_empty(self.sizes[0])
             buf[: len(h)].copy_(torch.frombuffer(bytearray(h), dtype=torch.uint8))
@@ -361,7 +361,7 @@ class WriteCase:
                 m["bare `diskio.write_snapshot_file` per file, O_DIRECT from the image (what the writer calls)"] = \
                     self.bare_file
         else:
-            m["bare `write_snapshot_file` from one aligned image of the whole stacked file (the prototype's setup)"] = \
+            m["bare `write_snapshot_file` from one aligned image of the whole stacked file (zero copy: the whole file in one aligned buffer)"] = \
                 self.bare_stacked_image
             m["bare `write_snapshot_file(header, [K matrices])` (the writer's stacked call, minus its copies)"] = \
                 self.bare_stacked_parts
@@ -874,7 +874,7 @@ def render(writes: list[dict], reads: list[dict], quick: bool, run_conditions: t
     if quick:
         md += ["**`--quick` smoke run: few rounds, not the figures to quote.**", ""]
     md += ["What is measured is the product's code (`budget_callback/snapshots/`: `SnapshotWriter`, `FileImage`, "
-           "`diskio`, `SnapshotReader`), the way the prototype in `/work/scratch/io` measured itself. Every writer round "
+           "`diskio`, `SnapshotReader`), by `benchmarks/snapshot_io.py`. Every writer round "
            "runs every method once, in a fresh (seeded) random order; \"vs raw\" is the raw write+fsync's time "
            "divided by the method's time in the same round (above 1: faster than raw). Raw = `os.write` of each "
            "file's exact bytes from the same memory + `os.fsync`, one file after the other, no rename and no directory "

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.2.0"
+__version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
 
 _EXPORTS = {
     "BudgetCallback": "budget_callback.lightning.callback",

@@ -1,7 +1,8 @@
 """Train a tiny GPT on the CPU with BudgetCallback snapshotting W every step.
 
 The model is the data-rate calculator's shape (vocab 10,000, hidden 64,
-2 layers, 2 heads) on a public-domain corpus shipped in ``examples/data``.
+2 layers, 2 heads; sequences of 64 tokens, 16 per batch) on a public-domain
+corpus shipped in ``examples/data``.
 W&B runs offline unless ``WANDB_API_KEY`` is set (or ``--no-wandb``).
 
     python examples/train_tiny_gpt.py                       # 300 steps, snapshots every step
@@ -24,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import TokenWindows, load_corpus  # noqa: E402
 
 from budget_callback import BudgetCallback, SnapshotReader  # noqa: E402
-from budget_callback.gpt import GPT  # noqa: E402
-from budget_callback.shapes import preset  # noqa: E402
+from budget_callback.forecast.shapes import preset  # noqa: E402
+from budget_callback.models.gpt import GPT  # noqa: E402
 
 
 class TinyGPT(L.LightningModule):
@@ -107,14 +108,15 @@ def main(argv=None) -> int:
         wandb.finish()  # flush the offline run before the final lines
         run_file = next(run_dir.glob("run-*.wandb"), None)
     projected, actual = budget.projected_bytes, budget.bytes_written
-    print(f"\nProjected vs actual: {len(SnapshotReader(budget.snapshot_dir))} snapshots every "
-          f"{budget.save_every_n_steps} step(s) in {budget.snapshot_dir}")
-    print(f"  projected {projected:,} B   actual {actual:,} B   difference {actual - projected:+,} B")
+    print(f"\nRead them: python examples/token_dynamics.py --snapshots {budget.snapshot_dir}")
     if run_file is not None:
         forecast, size = budget.forecast.wandb["run_file_bytes"], run_file.stat().st_size
-        print(f"  W&B run file: forecast {forecast:,} B (console output {budget.forecast.wandb['console_bytes']:,} B), "
+        print(f"W&B run file: forecast {forecast:,} B (console output {budget.forecast.wandb['console_bytes']:,} B), "
               f"actual {size:,} B ({(forecast - size) / size:+.1%})")
-    print(f"  read them: python examples/token_dynamics.py --snapshots {budget.snapshot_dir}")
+    # the summary, last: what a newcomer reads when the run ends
+    print(f"Projected vs actual: {len(SnapshotReader(budget.snapshot_dir))} snapshots every "
+          f"{budget.save_every_n_steps} step(s): projected {projected:,} B, actual {actual:,} B, "
+          f"difference {actual - projected:+,} B", flush=True)
     return 0
 
 

@@ -1,4 +1,8 @@
-"""Shared test set-up: W&B never reaches the network from a test; tests/ is importable (helpers)."""
+"""Shared test set-up: W&B never reaches the network from a test; tests/ is importable (helpers); the markers.
+
+``slow`` marks what `pytest -m "not slow"` leaves out (the README's fast part): the modules in SLOW_MODULES,
+whole, and the tests in SLOW_TESTS, each measured at several seconds or more on a quiet 2-core machine.
+``compiled`` marks the compiled-forecast tests, which CI also runs on the oldest declared pins."""
 
 import os
 import sys
@@ -26,3 +30,37 @@ def record(request):
                 fh.write(json.dumps({"test": request.node.name, **facts}) + "\n")
 
     return write
+
+
+SLOW_MODULES = {  # path under tests/ -> why
+    "test_reliability.py": "faults for real: SIGKILL mid-write, full tmpfs, DDP, each in a subprocess",
+    "test_examples.py": "the examples as a user runs them, in subprocesses",
+    "lightning/test_distributed.py": "two processes per test (gloo), Lightning launching the ranks",
+}
+SLOW_TESTS = {  # "path::test name" (every parametrization) -> why
+    "snapshots/test_reader.py::test_a_long_series_reads_under_a_low_open_files_limit": "300 files, a subprocess",
+    "snapshots/test_schedule.py::test_projection_equals_the_files_the_rule_makes": "writes every file the rule makes",
+    "lightning/test_tracing.py::test_analytic_forecast_within_3_percent_of_the_trace_for_every_preset": "GPT-2 XL",
+    "lightning/test_callback.py::test_manual_optimization_with_two_optimizers": "several fits per case",
+    "lightning/test_callback.py::test_downsample_picks_smallest_fitting_interval_and_says_so": "several fits",
+    "lightning/test_callback.py::test_llama_style_untied_head_of_any_name": "a traced Llama-style fit per name",
+    "lightning/test_callback.py::test_gradient_accumulation_counts_optimizer_steps": "several fits",
+    "lightning/test_callback.py::test_snapshot_of_step_s_is_w_after_step_s_with_a_slow_writer_and_a_fast_model": "",
+    "lightning/test_callback.py::test_untraceable_module_still_runs_and_says_so": "a trace that fails slowly",
+    "lightning/test_session.py::test_two_fits_on_one_directory_at_the_same_time": "two fits in two processes",
+    "lightning/test_inputs.py::test_final_step_and_steps_per_batch": "a fit per case",
+    "forecast/test_checkpoint.py::test_checkpoint_forecast_within_one_percent": "writes real checkpoints",
+}
+COMPILED_MODULES = {"lightning/test_tracing_compiled.py"}
+COMPILED_TESTS = {"lightning/test_found_by_users.py::test_a_compiled_module_compiles_as_it_would_without_the_callback"}
+
+
+def pytest_collection_modifyitems(config, items):
+    root = os.path.dirname(os.path.abspath(__file__))
+    for item in items:
+        path = os.path.relpath(str(item.fspath), root).replace(os.sep, "/")
+        if path in COMPILED_MODULES or f"{path}::{item.originalname}" in COMPILED_TESTS:
+            item.add_marker(pytest.mark.compiled)
+            item.add_marker(pytest.mark.slow)
+        if path in SLOW_MODULES or f"{path}::{item.originalname}" in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)

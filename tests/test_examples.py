@@ -21,6 +21,9 @@ def test_train_tiny_gpt_then_token_dynamics(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = proc.stdout + proc.stderr
     assert "budget-callback forecast" in text and "difference +0 B" in text
+    last = proc.stdout.rstrip("\n").splitlines()[-1]  # the summary is the last line printed
+    assert re.fullmatch(r"Projected vs actual: 12 snapshots every 1 step\(s\): projected ([\d,]+) B, actual \1 B, "
+                        r"difference \+0 B", last), last
     forecast, actual = (int(x.replace(",", "")) for x in
                         re.search(r"W&B run file: forecast ([\d,]+) B .* actual ([\d,]+) B", text).groups())
     assert abs(forecast - actual) / actual < 0.20  # the progress bar W&B captures is in the forecast

@@ -159,8 +159,9 @@ def media_in_history(rows: list[dict[str, Any]]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for row in rows:
         bases = {k[: -len("._type")] for k in row if k.endswith("._type")}
-        for b in bases:
-            ref = {k[len(b) + 1:]: v for k, v in row.items() if k.startswith(b + ".")}
+        whole = {k: v for k, v in row.items() if isinstance(v, dict) and "_type" in v}  # wandb < 0.18: not flattened
+        for b in bases | set(whole):
+            ref = dict(whole[b]) if b in whole else {k[len(b) + 1:]: v for k, v in row.items() if k.startswith(b + ".")}
             ref["_step"] = row.get("_step")
             if "trainer/global_step" in row:
                 ref["trainer/global_step"] = row["trainer/global_step"]

@@ -20,9 +20,23 @@ from ..snapshots.format import MAX_SNAPSHOTS_PER_FILE, SNAPSHOT_DTYPES
 from ..units import parse_size
 
 
+PROG = "budget-callback"
+
+
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
+    def error(self, message: str) -> None:  # one line, no usage dump, one prefix for the command and its subcommand
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
+class _Help(argparse.HelpFormatter):
+    """Every option's help ends with its default, when it has one (a number, a choice; not None or a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.default is None or action.default is False or \
+                action.default == argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
 
 
 def _positive(text: str) -> int:
@@ -76,33 +90,42 @@ def _momentum(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="budget-callback", description="Forecast and guard the budgets of a Lightning run.")
+    from .. import __version__
+
+    parser = _Parser(prog=PROG, description="Forecast and guard the budgets of a Lightning run.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    p = sub.add_parser("plan", help="forecast memory, FLOPs, time, disk and W&B usage of a run")
-    model = p.add_argument_group("model")
+    p = sub.add_parser("plan", help="forecast memory, FLOPs, time, disk and W&B usage of a run", formatter_class=_Help,
+                       description="Forecast memory, FLOPs, time, disk and W&B usage of a run before it starts.")
+    model = p.add_argument_group("model", "--preset NAME, or all of --vocab-size --d-model --n-layer --n-head; "
+                                          "with a preset, any flag below overrides its value")
     model.add_argument("--preset", choices=list(PRESETS), metavar="NAME", help="one of: " + ", ".join(PRESETS))
-    for flag in ("--vocab-size", "--d-model", "--n-layer", "--n-head", "--n-kv-head", "--head-dim", "--d-mlp", "--n-ctx"):
-        model.add_argument(flag, type=_positive)
-    model.add_argument("--norm", choices=NORMS)
-    model.add_argument("--mlp", choices=MLPS)
+    for flag, text in (("--vocab-size", "V"), ("--d-model", "D, the hidden size"), ("--n-layer", "transformer blocks"),
+                       ("--n-head", "attention heads"), ("--n-kv-head", "key/value heads (default: --n-head)"),
+                       ("--head-dim", "default: --d-model / --n-head"), ("--d-mlp", "default: 4 x --d-model"),
+                       ("--n-ctx", "context length (default: --seq-len, else 1024)")):
+        model.add_argument(flag, type=_positive, help=text)
+    model.add_argument("--norm", choices=NORMS, help="default: layernorm")
+    model.add_argument("--mlp", choices=MLPS, help="default: gelu")
     model.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None, help="biases in linears")
     model.add_argument("--tied", action=argparse.BooleanOptionalAction, default=None, help="head tied to the embedding")
     model.add_argument("--learned-pos", action=argparse.BooleanOptionalAction, default=None,
                        help="learned position embedding (--no-learned-pos: rotary)")
     run = p.add_argument_group("run")
     run.add_argument("--batch-size", type=_positive, default=1, help="micro-batch per device")
-    run.add_argument("--grad-accum", type=_positive, default=1)
+    run.add_argument("--grad-accum", type=_positive, default=1, help="gradient accumulation steps")
     run.add_argument("--seq-len", type=_positive, help="default: the model's context length")
     run.add_argument("--steps", type=_positive, default=1000, help="optimizer steps")
-    run.add_argument("--devices", type=_positive, default=1)
-    run.add_argument("--num-nodes", type=_positive, default=1)
-    run.add_argument("--precision", choices=list(PRECISIONS), default="bf16-mixed")
-    run.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    run.add_argument("--devices", type=_positive, default=1, help="devices per node")
+    run.add_argument("--num-nodes", type=_positive, default=1, help="nodes")
+    run.add_argument("--precision", choices=list(PRECISIONS), default="bf16-mixed", help="Lightning's precision")
+    run.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="optimizer")
     run.add_argument("--momentum", type=_momentum, default=0.0, help="SGD momentum (0: no momentum buffer)")
-    run.add_argument("--optimizer-impl", choices=OPTIMIZER_IMPLS, default="foreach")
-    run.add_argument("--strategy", choices=STRATEGIES, default="ddp")
-    run.add_argument("--flash-attention", action=argparse.BooleanOptionalAction, default=True)
-    run.add_argument("--activation-checkpointing", action="store_true")
+    run.add_argument("--optimizer-impl", choices=OPTIMIZER_IMPLS, default="foreach", help="torch's implementation")
+    run.add_argument("--strategy", choices=STRATEGIES, default="ddp", help="Lightning's strategy")
+    run.add_argument("--flash-attention", action=argparse.BooleanOptionalAction, default=True,
+                     help="attention without the T x T scores saved")
+    run.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     run.add_argument("--keep-logits", action="store_true",
                      help="the training step holds the logits through backward (nanoGPT's train.py does); with "
                           "--compile: the compiled graph returns them")
@@ -110,26 +133,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the training step is torch.compile'd (inductor, trainer.fit(torch.compile(model))): the "
                           "compiled partition's activations, modelled for GPT-2-style blocks")
     run.add_argument("--gpu", choices=list(GPUS), metavar="NAME", help="one of: " + ", ".join(GPUS))
-    run.add_argument("--mfu", type=_fraction, default=DEFAULT_MFU, help=f"assumed utilisation (default {DEFAULT_MFU})")
+    run.add_argument("--mfu", type=_fraction, default=DEFAULT_MFU, help="assumed model FLOPs utilisation")
     snap = p.add_argument_group("snapshots")
-    snap.add_argument("--save-every", type=_positive, default=1)
-    snap.add_argument("--snapshot-dtype", choices=list(SNAPSHOT_DTYPES), default="bfloat16")
+    snap.add_argument("--save-every", type=_positive, default=1, help="requested snapshot interval, optimizer steps")
+    snap.add_argument("--snapshot-dtype", choices=list(SNAPSHOT_DTYPES), default="bfloat16", help="dtype of W on disk")
     snap.add_argument("--snapshots-per-file", type=_snapshots_per_file, default=1,
                       help=f"at most {MAX_SNAPSHOTS_PER_FILE:,}")
-    snap.add_argument("--include-embedding", action="store_true")
+    snap.add_argument("--include-embedding", action="store_true", help="also record the input embedding E")
     log = p.add_argument_group("logging and checkpoints")
-    log.add_argument("--log-every-n-steps", type=_positive, default=50)
+    log.add_argument("--log-every-n-steps", type=_positive, default=50, help="Lightning's logging cadence")
     log.add_argument("--train-metrics", type=_positive, default=1, help="scalars per train log row")
-    log.add_argument("--eval-every", type=_positive)
-    log.add_argument("--eval-metrics", type=_positive, default=1)
-    log.add_argument("--checkpoint-every", type=_positive)
-    log.add_argument("--keep-checkpoints", type=_positive, default=1)
-    log.add_argument("--log-model", choices=LOG_MODEL_CHOICES, default="none")
+    log.add_argument("--eval-every", type=_positive, help="optimizer steps between evaluations (default: none)")
+    log.add_argument("--eval-metrics", type=_positive, default=1, help="scalars per eval log row")
+    log.add_argument("--checkpoint-every", type=_positive, help="optimizer steps between checkpoints (default: none)")
+    log.add_argument("--keep-checkpoints", type=_positive, default=1, help="checkpoints kept (save_top_k)")
+    log.add_argument("--log-model", choices=LOG_MODEL_CHOICES, default="none", help="WandbLogger(log_model=...)")
     bud = p.add_argument_group("budgets")
-    bud.add_argument("--disk-budget", type=_size)
-    bud.add_argument("--memory-budget", type=_size, help="per device; default: the --gpu's memory")
-    bud.add_argument("--wandb-budget", type=_size)
-    bud.add_argument("--on-exceed", choices=POLICIES, default="downsample")
+    bud.add_argument("--disk-budget", type=_size, help="e.g. 20GB or 20GiB (default: not checked)")
+    bud.add_argument("--memory-budget", type=_size, help="per device (default: the --gpu's memory)")
+    bud.add_argument("--wandb-budget", type=_size, help="e.g. 100GB (default: not checked)")
+    bud.add_argument("--on-exceed", choices=POLICIES, default="downsample", help="what a failed budget does")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--check", action="store_true", help="exit 1 when the decision is abort")
     return parser
@@ -195,7 +218,7 @@ def _main(argv: list[str] | None) -> int:
             mfu=args.mfu,
         )
     except ValueError as err:
-        parser.exit(2, f"budget-callback plan: error: {_flag_message(err)}\n")
+        parser.error(_flag_message(err))
     result = forecast(inputs)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))

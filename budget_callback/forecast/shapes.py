@@ -81,7 +81,7 @@ def _gpt2(name: str, d_model: int, n_layer: int, n_head: int, vocab_size: int = 
 
 
 PRESETS: dict[str, ModelShape] = {
-    # The data-rate calculator's model: V=10,000, D=64, 2 layers, 2 heads.
+    # The data-rate calculator's model: V=10,000, D=64, 2 layers, 2 heads (the calculator names no context; 256 here).
     "gpt2-tiny": _gpt2("gpt2-tiny", 64, 2, 2, vocab_size=10_000, n_ctx=256),
     "gpt2": _gpt2("gpt2", 768, 12, 12),
     "gpt2-medium": _gpt2("gpt2-medium", 1024, 24, 16),

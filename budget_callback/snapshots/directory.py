@@ -9,7 +9,6 @@ a resume validates everything before it deletes anything.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import socket
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import SnapshotDirInUseError
+from . import osio
 from .format import (ITEMSIZE, LOCK_FILE, MANIFEST, SNAPSHOT_FORMAT, SnapshotLayout, encode_header, is_temporary,
                      step_of_name, temporary_name)
 
@@ -49,7 +49,7 @@ def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> None:
     """Write ``data`` to ``path`` through a temporary in the same directory and a rename."""
     tmp = path.with_name(temporary_name(path.name, os.getpid()))
     try:
-        with open(tmp, "wb") as fh:
+        with open(tmp, "wb") as fh:  # binary: no newline translation anywhere
             fh.write(data)
             if fsync:
                 fh.flush()
@@ -64,12 +64,17 @@ def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> None:
 
 # --- the lock ---------------------------------------------------------------------------------
 class DirectoryLock:
-    """An exclusive ``fcntl.flock`` on ``<dir>/.budget-callback.lock`` for the whole fit.
+    """An exclusive lock on ``<dir>/.budget-callback.lock`` for the whole fit.
 
-    The file names its holder (pid, host, start time, command) so a refused run
-    can say who has the directory. It is removed on release, and acquisition
-    checks that the locked file is still the one at the path (a holder that
-    released and removed it in between cannot leave two holders).
+    Where ``fcntl`` exists (Linux, macOS, every POSIX system) it is ``fcntl.flock`` on that file: the
+    kernel releases it when the holder dies, however it dies. Elsewhere (Windows) the lock is the file
+    itself, created exclusively (``O_EXCL``); a file left by a holder that died is taken over when its
+    holder ran on this host and its pid is known to run no more (not on Windows, where a process cannot
+    be asked safely); otherwise the refusal names the file to remove.
+
+    The file names its holder (pid, host, start time, command) so a refused run can say who has the
+    directory. It is removed on release, and acquisition checks that the locked file is still the one at
+    the path (a holder that released and removed it in between cannot leave two holders).
     """
 
     def __init__(self, directory: Path) -> None:
@@ -77,6 +82,7 @@ class DirectoryLock:
         self.path = self.directory / LOCK_FILE
         self._fd: int | None = None
         self._created_dir = False
+        self._exclusive_file = False  # True: the lock is the file itself (no flock here)
 
     @property
     def held(self) -> bool:
@@ -88,38 +94,92 @@ class DirectoryLock:
         if not self.directory.exists():
             self.directory.mkdir(parents=True, exist_ok=True)
             self._created_dir = True
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as err:
-                os.close(fd)
-                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-                raise SnapshotDirInUseError(
-                    f"`snapshot_dir` {str(self.directory)!r} is in use by another fit ({self._holder()}); two fits "
-                    "never write one directory at the same time: wait for it to finish or choose another "
-                    "snapshot_dir") from None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)  # the file was removed by a holder releasing it: take the new one
+        fcntl = osio.module("fcntl")
+        fd = self._flock(fcntl) if fcntl is not None else self._create_exclusively()
+        self._exclusive_file = fcntl is None
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "run": run,
                   "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)[:200]}
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(holder).encode(), 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, json.dumps(holder).encode())
         except OSError as err:
             os.close(fd)
+            if self._exclusive_file:
+                self.path.unlink(missing_ok=True)
             if not is_disk_full(err):
                 raise
             raise OSError(err.errno, f"budget-callback: no space left in {str(self.directory)!r} for its lock file "
                                      f"({LOCK_FILE}, a few hundred bytes): free some space on that file system "
                                      "and start again") from err
         self._fd = fd
+
+    def _flock(self, fcntl) -> int:
+        while True:
+            fd = os.open(self.path, osio.open_flags(os.O_RDWR | os.O_CREAT), 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                os.close(fd)
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                raise self._in_use() from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+            os.close(fd)  # the file was removed by a holder releasing it: take the new one
+
+    def _create_exclusively(self) -> int:
+        while True:
+            try:
+                return os.open(self.path, osio.open_flags(os.O_RDWR | os.O_CREAT | os.O_EXCL), 0o644)
+            except FileExistsError:
+                pass
+            try:
+                text = self.path.read_bytes()
+            except FileNotFoundError:  # released in between: try again
+                continue
+            if not self._dead_holder(text):
+                raise self._in_use(f"; if no fit runs there, remove {str(self.path)!r}") from None
+            self._take_over(text)
+
+    def _dead_holder(self, text: bytes) -> bool:
+        """The holder in ``text`` ran on this host and its process is gone (an empty file is a holder
+        still writing its name: alive)."""
+        try:
+            h = json.loads(text or b"{}")
+        except ValueError:
+            return False
+        if not isinstance(h, dict) or h.get("host") != socket.gethostname() or not isinstance(h.get("pid"), int):
+            return False
+        return osio.process_alive(h["pid"]) is False
+
+    def _take_over(self, text: bytes) -> None:
+        """Remove the dead holder's file, and only that one: it is moved aside first (one taker moves it) and
+        put back if what was moved is not what was judged dead (another taker's fresh lock)."""
+        aside = self.path.with_name(temporary_name(LOCK_FILE, os.getpid()))
+        try:
+            os.replace(self.path, aside)
+        except FileNotFoundError:
+            return
+        try:
+            moved = aside.read_bytes()
+        except OSError:
+            moved = None
+        if moved != text:
+            try:
+                os.link(aside, self.path)  # back where it was, unless a new holder is there already
+            except OSError:
+                pass
+        aside.unlink(missing_ok=True)
+
+    def _in_use(self, hint: str = "") -> SnapshotDirInUseError:
+        return SnapshotDirInUseError(
+            f"`snapshot_dir` {str(self.directory)!r} is in use by another fit ({self._holder()}); two fits "
+            f"never write one directory at the same time: wait for it to finish or choose another snapshot_dir{hint}")
 
     def _holder(self) -> str:
         try:
@@ -134,12 +194,19 @@ class DirectoryLock:
         if self._fd is None:
             return
         try:
-            if os.fstat(self._fd).st_ino == os.stat(self.path).st_ino:
+            ours = os.fstat(self._fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            ours = False
+        if self._exclusive_file:  # close first: Windows removes no open file
+            os.close(self._fd)
+        try:
+            if ours:
                 self.path.unlink()
         except FileNotFoundError:
             pass
         finally:
-            os.close(self._fd)
+            if not self._exclusive_file:  # flock: removed while held, so no one locks the old file meanwhile
+                os.close(self._fd)
             self._fd = None
         if self._created_dir:
             try:

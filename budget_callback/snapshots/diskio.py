@@ -23,26 +23,25 @@ Atomic visibility (what a reader or a crash can see):
   :func:`write_snapshot_file` returns the new file survives; before that, either the
   old state or the new complete file (the rename is journaled as one operation).
 
-O_DIRECT rules used here (ext4 on this machine: logical block 512 B, page 4096 B):
-buffer address, file offset and length must be multiples of the logical block size;
-we use 4096 everywhere. The file's last partial block is written *without* O_DIRECT
-(``fcntl`` clears the flag for the last < 4096 bytes), so the size is exact and no
-read-modify-write or truncate is needed. Where O_DIRECT is refused (``open`` or
-``write`` fails with EINVAL, e.g. ramfs, some FUSE/overlay setups; tmpfs accepts it
-on this 6.18 kernel), the writer continues with buffered writes, fsync, and
-``posix_fadvise(DONTNEED)`` so the page cache does not fill with snapshot files.
+O_DIRECT rules used here: buffer address, file offset and length must be multiples of the
+file system's logical block size (512 B or 4096 B on common disks); we use 4096 everywhere.
+The file's last partial block is written *without* O_DIRECT (``fcntl`` clears the flag for
+the last < 4096 bytes), so the size is exact and no read-modify-write or truncate is needed.
+Where O_DIRECT is refused (``open`` or ``write`` fails with EINVAL, e.g. ramfs, some
+FUSE/overlay setups; tmpfs accepts it on recent kernels), the writer continues with buffered
+writes, fsync, and ``posix_fadvise(DONTNEED)`` so the page cache does not fill with snapshot
+files. Where the platform has no O_DIRECT, ``posix_fadvise`` or ``sync_file_range`` (macOS,
+Windows; see :mod:`.osio`) the same bytes are written buffered and fsynced.
 
 Public API: :func:`aligned_empty`, :func:`write_snapshot_file` (-> :class:`WriteInfo`),
 :class:`GroupCommit` (several small files, one directory fsync), :func:`temporary_path`.
-Measured here (BENCHMARKS.md section 1): 1.5x a raw write+fsync at 77 MB and 2.8x at 1 GB,
-0.85-1.03x at 1.28 MB with group commit.
+Measured in BENCHMARKS.md section 1b (``benchmarks/snapshot_io.py``).
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import mmap
 import os
 import threading
@@ -52,19 +51,15 @@ from pathlib import Path
 
 import torch
 
+from . import osio
 from .directory import fsync_dir
 from .format import PAGE, temporary_name
 
-ALIGN = PAGE  # >= the logical block size of any disk we expect; also the page size here
+ALIGN = PAGE  # >= the logical block size of common disks; the page size on x86-64 and most ARM Linux
 BOUNCE_BYTES = 8 << 20  # staging buffer for tensors that are not already in an aligned image
 STREAM_BYTES = 16 << 20  # buffered writes: start writeback every 16 MiB, drop the chunk before
 MAX_IO = 1 << 30  # bytes per write() call (Linux caps one call at 2 GiB - 4 KiB)
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_sync_file_range = getattr(_libc, "sync_file_range", None)
-if _sync_file_range is not None:
-    _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-SFR_WAIT_BEFORE, SFR_WRITE, SFR_WAIT_AFTER = 1, 2, 4
+SFR_WAIT_BEFORE, SFR_WRITE, SFR_WAIT_AFTER = osio.SFR_WAIT_BEFORE, osio.SFR_WRITE, osio.SFR_WAIT_AFTER
 
 
 def round_up(n: int, a: int = ALIGN) -> int:
@@ -81,21 +76,23 @@ def aligned_empty(nbytes: int, *, align: int = ALIGN, pin_memory: bool = False, 
     ``huge`` (default: for 2 MiB and more): an anonymous ``mmap`` aligned to 2 MiB with
     ``madvise(MADV_HUGEPAGE)``, so the buffer is made of 2 MiB pages. This matters for
     O_DIRECT: the block layer builds requests from physically contiguous segments, and
-    from 4 KiB pages this virtio disk got ~512 KiB requests (143 for 77 MB) against
-    ~2 MiB from huge pages (34); under load the former took 134-154 ms to write 77 MB,
-    the latter 35-55 ms (explore/reqsize.py). The tensor keeps the mapping alive.
+    from 4 KiB pages a virtio disk got ~512 KiB requests (143 for 77 MB) against ~2 MiB
+    from huge pages (34); under load the former took 134-154 ms to write 77 MB, the
+    latter 35-55 ms (measured when the writer was designed). The tensor keeps the mapping
+    alive. Where anonymous maps do not exist (Windows) the buffer is an over-allocated
+    torch tensor, aligned to ``align``.
 
     ``pin_memory=True`` (CUDA hosts): over-allocates with torch's pinned allocator and
-    slices to ``align`` (no huge-page control there; untested on this CPU-only machine).
+    slices to ``align`` (no huge-page control there).
 
     ``prefault`` touches every page once, so the first snapshot copied into it does not
-    pay the page faults (measured here: a cast into a fresh 77 MB tensor 112 ms, into a
+    pay the page faults (measured on a 2-core CPU machine: a cast into a fresh 77 MB tensor 112 ms, into a
     touched one 20 ms).
     """
     cap = round_up(max(int(nbytes), 1), align)
     if huge is None:
         huge = cap >= HUGE and not pin_memory
-    if huge and not pin_memory:
+    if huge and not pin_memory and hasattr(mmap, "MAP_ANONYMOUS") and hasattr(mmap, "MAP_PRIVATE"):
         m = mmap.mmap(-1, cap + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         raw = torch.frombuffer(m, dtype=torch.uint8)  # holds a reference to m
         off = (-raw.data_ptr()) % HUGE
@@ -152,7 +149,7 @@ def _find_image(header: bytes, tensors: list[torch.Tensor]) -> tuple[int, int] |
     """(address, total) if header+tensors already lie back to back in an aligned buffer.
 
     The buffer must own ``round_up(total)`` bytes from that address and start with the
-    header's bytes (as :class:`SnapshotImage` leaves it).
+    header's bytes (as :class:`.image.FileImage` leaves it).
     """
     parts = [t for t in tensors if t.numel() > 0]
     if not parts or any(t.device.type != "cpu" or not t.is_contiguous() for t in parts):
@@ -206,19 +203,19 @@ class _Sink:
     STREAM_BYTES written, ``sync_file_range(WRITE)`` starts their writeback, and the
     chunk before is waited for and dropped from the page cache (``DONTNEED``). The
     final fsync then has little left to do and the cache never holds more than two
-    chunks of the file.
+    chunks of the file. Where ``sync_file_range`` is missing or refused, the bytes are
+    written plainly and the final fsync writes them back.
     """
 
     def __init__(self, fd: int, direct: bool, info: WriteInfo, stream: bool) -> None:
         self.fd, self.direct, self.info = fd, direct, info
-        self.stream = stream and _sync_file_range is not None
+        self.stream = stream
         self.pos = 0  # file offset
         self._synced = 0  # bytes from 0 whose writeback has been started
         self._dropped = 0  # bytes from 0 already waited for and dropped
 
     def _clear_direct(self) -> None:
-        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
-        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        osio.clear_direct(self.fd)
         self.direct = False
 
     def write(self, mv: memoryview, aligned: bool) -> None:
@@ -246,6 +243,10 @@ class _Sink:
             return
         done = 0
         while done < len(mv):
+            if not self.stream:  # sync_file_range is not supported here: the rest plainly
+                _write_all(self.fd, mv[done:])
+                self.pos += len(mv) - done
+                return
             n = min(STREAM_BYTES - (self.pos - self._synced), len(mv) - done)
             _write_all(self.fd, mv[done : done + n])
             done += n
@@ -255,20 +256,22 @@ class _Sink:
 
     def _push(self) -> None:
         start, n = self._synced, self.pos - self._synced
-        _sync_file_range(self.fd, start, n, SFR_WRITE)
+        if not osio.sync_file_range(self.fd, start, n, SFR_WRITE):  # not here: plain writes from now on
+            self.stream = False
+            return
         self._synced = self.pos
         if self._dropped < start:  # the chunk before: wait for it, then drop it
             a, m = self._dropped, start - self._dropped
-            _sync_file_range(self.fd, a, m, SFR_WAIT_BEFORE | SFR_WRITE | SFR_WAIT_AFTER)
-            os.posix_fadvise(self.fd, a, m, os.POSIX_FADV_DONTNEED)
+            if osio.sync_file_range(self.fd, a, m, SFR_WAIT_BEFORE | SFR_WRITE | SFR_WAIT_AFTER):
+                osio.advise(self.fd, a, m, "DONTNEED")
             self._dropped = start
 
 
 def _open_tmp(tmp: Path, direct: bool, info: WriteInfo) -> tuple[int, bool]:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-    if direct:
+    flags = osio.open_flags(os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    if direct and osio.direct_flag():
         try:
-            return os.open(tmp, flags | os.O_DIRECT, 0o644), True
+            return os.open(tmp, flags | osio.direct_flag(), 0o644), True
         except OSError as err:
             if err.errno != errno.EINVAL:
                 raise
@@ -323,9 +326,9 @@ def write_snapshot_file(path: str | os.PathLike, header: bytes, tensors: list[to
                         rename: bool = True) -> WriteInfo:
     """Write ``header`` + the raw bytes of ``tensors`` (in order) to ``path`` atomically.
 
-    ``direct``: O_DIRECT (zero copy when header+tensors lie in a :class:`SnapshotImage`,
+    ``direct``: O_DIRECT (zero copy when header+tensors lie in a :class:`.image.FileImage`,
     else through an 8 MiB aligned bounce buffer); falls back to buffered writes where
-    O_DIRECT is refused. ``fsync``: file fsync before the rename and a directory fsync
+    O_DIRECT is refused or does not exist. ``fsync``: file fsync before the rename and a directory fsync
     after it (``dir_fsync`` overrides the latter; :class:`GroupCommit` does it once).
     ``drop_cache``: ``posix_fadvise(DONTNEED)`` after the fsync, so written pages do not
     stay cached (only clean pages can be dropped: without fsync it just starts writeback).
@@ -350,7 +353,7 @@ def write_snapshot_file(path: str | os.PathLike, header: bytes, tensors: list[to
         if fsync:
             os.fsync(fd)
         if drop_cache and (fsync or info.direct_bytes < total):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            osio.advise(fd, 0, 0, "DONTNEED")
         info.fsync_s = time.perf_counter() - t1
         size = os.fstat(fd).st_size
         if size != total:  # pragma: no cover - would be a bug
@@ -411,10 +414,10 @@ class GroupCommit:
         info = write_snapshot_file(path, header, tensors, fsync=False, direct=False, drop_cache=False, rename=False)
         self._pending.append(info)
         self.bytes += info.nbytes
-        if self.fsync and _sync_file_range is not None:
-            fd = os.open(info.tmp, os.O_RDONLY | os.O_CLOEXEC)
-            try:  # start writeback now; commit() waits for it
-                _sync_file_range(fd, 0, 0, SFR_WRITE)
+        if self.fsync and osio.has_sync_file_range():
+            fd = os.open(info.tmp, osio.open_flags(os.O_RDWR))
+            try:  # start writeback now; commit() waits for it (fsync) where it is not supported
+                osio.sync_file_range(fd, 0, 0, SFR_WRITE)
             finally:
                 os.close(fd)
         return info
@@ -426,11 +429,11 @@ class GroupCommit:
         try:
             if self.fsync:
                 for info in pending:
-                    fd = os.open(info.tmp, os.O_RDONLY | os.O_CLOEXEC)
+                    fd = os.open(info.tmp, osio.open_flags(os.O_RDWR))  # Windows fsyncs only writable files
                     try:
                         os.fsync(fd)
                         fsyncs += 1
-                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                        osio.advise(fd, 0, 0, "DONTNEED")
                     finally:
                         os.close(fd)
             for info in pending:

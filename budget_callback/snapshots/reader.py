@@ -5,10 +5,9 @@ The headers of every file are read once (and checked against the file sizes, see
 that step's ``(V, D)`` matrix. After that no header is parsed again:
 
 * ``trajectory(token)`` -> ``(S, D)``: rows copied out of the files mapped in memory while they are
-  in the page cache (no system call per row), else one ``preadv`` per step into a reused buffer. A
-  file wholly cached when the reader opens it has its pages mapped at once (``MADV_POPULATE_READ``,
-  no I/O, about 0.16 ms per 1.28 MB file): a page touched for the first time through a mapping
-  costs a fault (~4 us), more than the copy; the pages of other files are mapped as they are read;
+  in the page cache, by ``process_vm_readv`` (one system call for up to 128 rows, not one per row),
+  else one ``preadv`` per step into a reused buffer. A file wholly cached when the reader opens it has
+  its pages mapped at once (``MADV_POPULATE_READ``, no I/O, about 0.16 ms per 1.28 MB file);
 * ``rows(tokens)`` -> ``(T, S, D)``: few tokens: per step, one ``preadv`` per group of tokens
   within 4 KiB that scatters their rows into the result; many tokens: whole matrices, 64 MiB of
   steps at a time, gathered by ``index_select``;
@@ -19,9 +18,16 @@ others fail fast); the missing rows are requested with ``posix_fadvise(WILLNEED)
 found, so the disk serves them in parallel, and read in the second pass. A trajectory that found
 every row cached reads the next one from the memory maps; if that meets a page that has to come
 from the disk (a chunk of rows takes long), it goes back to the two passes for the rest. Files are
-replaced only by rename, so an open or mapped file keeps reading the complete file it opened. (A
-file truncated in place by another program is noticed by the mapped reads within a second, and
-reported; inside that second it would fault.)
+replaced only by rename, so an open or mapped file keeps reading the complete file it opened.
+
+A file truncated in place by another program while it is mapped is never a crash: the mapped rows
+are copied by the kernel (``process_vm_readv``), which answers a page past the file's new end with
+a short count where a copy made by the process itself would die of SIGBUS; the row is then read with
+``preadv``, which names the file. Mapped reads also check the files' sizes at most once a second, so
+a file cut short within its last page (no page lost, the rest reads as zeros) is an error by then.
+
+Portable: where a call is missing (macOS, Windows; see :mod:`.osio`) the reader reads the same rows
+with ``pread`` (or ``lseek`` + ``read``) in one pass, maps nothing, and takes its bounds' defaults.
 
 Bounded resources, so a series of any length opens under any ``ulimit -n``: at most
 ``min(128, soft RLIMIT_NOFILE // 4)`` files are open at once (the first ones opened, and one slot the
@@ -41,20 +47,21 @@ import errno
 import mmap
 import operator
 import os
-import resource
 import sys
 import threading
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
+from . import osio
 from .directory import SnapshotFile, scan
 from .format import ITEMSIZE, NAMES
 
-_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
-_ROW_SECONDS = 0.0002  # a mapped row slower than this came from the disk: back to the two passes
+_CHUNK_ROWS = 128  # mapped rows copied per process_vm_readv
+_CHUNK_SECONDS = 0.0005  # a chunk slower than this met a page that came from the disk: back to the two passes
 _SIZE_CHECK_SECONDS = 1.0  # how often mapped reads check that no file was cut short in place
 _TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 _MAX_OPEN_FILES = 128  # files open at once, at most (and a quarter of the soft RLIMIT_NOFILE): fds stay low
@@ -64,6 +71,9 @@ _DEFAULT_MAX_MAP_COUNT = 65_530  # Linux's vm.max_map_count where /proc does not
 
 def open_files_bound() -> int:
     """How many snapshot files a reader keeps open: well under the soft RLIMIT_NOFILE, never changing it."""
+    resource = osio.module("resource")
+    if resource is None:  # Windows: the C runtime's limit is far above the bound
+        return _MAX_OPEN_FILES
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return _MAX_OPEN_FILES
@@ -79,61 +89,65 @@ def maps_bound() -> int:
     return max(1, min(_MAX_MAPS, count // 4))
 
 
-def _libc_mapping_calls():
-    """libc's ``mmap``, ``madvise``, ``munmap`` and ``mincore``; None where ctypes cannot reach them (reads use
-    ``preadv``)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        calls = libc.mmap, libc.madvise, libc.munmap, libc.mincore
-    except (OSError, AttributeError):  # pragma: no cover - no libc to call
+class _MappingCalls(NamedTuple):
+    mmap: object
+    munmap: object
+    copy: object  # process_vm_readv
+    madvise: object | None
+    mincore: object | None
+
+
+def _mapping_calls() -> _MappingCalls | None:
+    """libc's ``mmap``, ``munmap`` and ``process_vm_readv`` (``madvise``, ``mincore`` where they exist); None
+    where any of the three is missing (macOS, Windows) or iovecs are not two 64-bit words: rows are read with
+    ``preadv`` then."""
+    vp, size_t = ctypes.c_void_p, ctypes.c_size_t
+    do_mmap = osio.libc_function("mmap", vp, (vp, size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long))
+    do_munmap = osio.libc_function("munmap", ctypes.c_int, (vp, size_t))
+    copy = osio.libc_function("process_vm_readv", ctypes.c_ssize_t,
+                              (ctypes.c_int, vp, ctypes.c_ulong, vp, ctypes.c_ulong, ctypes.c_ulong))
+    if None in (do_mmap, do_munmap, copy) or ctypes.sizeof(vp) != 8 or not hasattr(mmap, "MAP_SHARED"):
         return None
-    calls[0].argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
-    calls[0].restype = ctypes.c_void_p
-    calls[1].argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    calls[2].argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-    calls[3].argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
-    return calls
+    return _MappingCalls(do_mmap, do_munmap, copy, osio.libc_function("madvise", ctypes.c_int, (vp, size_t, ctypes.c_int)),
+                         osio.libc_function("mincore", ctypes.c_int, (vp, size_t, ctypes.c_char_p)))
 
 
-_LIBC_MAPPING = _libc_mapping_calls()
 _MAP_FAILED = ctypes.c_void_p(-1).value
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+; refused (EINVAL) before
 
 
 class _Mapping:
-    """A whole file mapped read-only, holding no file descriptor; ``view`` is a memoryview of its bytes.
+    """A whole file mapped read-only, holding no file descriptor. Its bytes are read only by the kernel
+    (``process_vm_readv``), never touched by this process, so a file cut short under it cannot SIGBUS."""
 
-    Only the reader touches ``view`` (under its lock), and never after ``close()`` unmaps it."""
-
-    def __init__(self, fd: int, size: int) -> None:
-        do_mmap, do_madvise, _, _ = _LIBC_MAPPING
-        addr = do_mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    def __init__(self, fd: int, size: int, calls: _MappingCalls) -> None:
+        self.calls = calls
+        addr = calls.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
         if addr is None or addr == _MAP_FAILED:
-            err = ctypes.get_errno()
-            raise OSError(err, f"mmap: {os.strerror(err)}")
+            raise osio.libc_error("mmap")
         self.addr, self.size = addr, size
-        do_madvise(addr, size, mmap.MADV_RANDOM)  # a fault reads its page, not a window
-        self.view = memoryview((ctypes.c_char * size).from_address(addr)).cast("B")
+        if calls.madvise is not None and hasattr(mmap, "MADV_RANDOM"):
+            calls.madvise(addr, size, mmap.MADV_RANDOM)  # a fault reads its page, not a window
         self._populate_if_cached()
 
     def _populate_if_cached(self) -> None:
-        """Map every page now if the whole file is in the page cache (no I/O then), so that a row read later is
-        a copy, not a minor fault on the first touch of its page (about 4 us: slower than a ``preadv``). Where
-        the kernel refuses (before Linux 5.14), pages are mapped as they are first read."""
+        """Map every page now if the whole file is in the page cache (no I/O then), so that a row read later
+        is a copy, not a fault on the first touch of its page. Where the kernel refuses (before Linux 5.14),
+        pages are mapped as they are first read."""
+        populate = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+; refused (EINVAL) before
+        if self.calls.mincore is None or self.calls.madvise is None:
+            return
         page = mmap.PAGESIZE
         vec = ctypes.create_string_buffer((self.size + page - 1) // page)
-        _, do_madvise, _, do_mincore = _LIBC_MAPPING
-        if do_mincore(self.addr, self.size, vec) == 0 and b"\x00" not in vec.raw:
-            do_madvise(self.addr, self.size, _MADV_POPULATE_READ)
+        if self.calls.mincore(self.addr, self.size, vec) == 0 and b"\x00" not in vec.raw:
+            self.calls.madvise(self.addr, self.size, populate)
 
     def __len__(self) -> int:
         return self.size
 
     def close(self) -> None:
-        if self.view is not None:
-            self.view.release()
-            self.view = None
-            _LIBC_MAPPING[2](self.addr, self.size)
+        if self.addr is not None:
+            self.calls.munmap(self.addr, self.size)
+            self.addr = None
 
     def __del__(self) -> None:
         try:
@@ -196,7 +210,8 @@ class SnapshotReader:
         self.dtype = _TORCH[code]
         self.row_bytes = self.hidden_dim * ITEMSIZE[code]
         self.matrix_bytes = self.vocab_size * self.row_bytes
-        self._nowait = bool(_NOWAIT)
+        self._nowait = osio.has_nowait()
+        self._mapping = _mapping_calls()  # None: nothing is mapped, rows are read with preadv
         self._lock = threading.Lock()  # held by every read: an evicted fd is never one another read uses
         self._max_fds, self._max_maps = open_files_bound(), maps_bound()
         self._paths: list[Path] = []  # file number -> path
@@ -206,11 +221,12 @@ class SnapshotReader:
         self._maps: dict[int, _Mapping] = {}  # file number -> the file mapped read-only
         self._closed = False
         self._warm: dict[str, bool] = {}  # name -> the last trajectory found every row cached
-        self._sizes_checked = float("-inf")
         self._where: dict[str, dict[int, tuple[int, int]]] = {}  # name -> step -> (file number, matrix offset)
         self._open(found.files)
         self.steps: list[int] = sorted(self._where.get("unembedding", {}))
         self._buffers: dict[str, tuple] = {}
+        self._iovecs: dict[str, tuple] = {}  # name -> (the result's row addresses, the mapped rows' addresses)
+        self._sizes_checked = float("-inf")
 
     def _open(self, files: list[SnapshotFile]) -> None:
         """Index every file; open (and map) each once to note which file it is; keep the bounded few open."""
@@ -240,7 +256,7 @@ class SnapshotReader:
             return fd
         if self._closed:
             raise ValueError(f"{self!r} is closed")
-        fd = os.open(self._paths[number], os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(self._paths[number], osio.open_flags(os.O_RDONLY))
         try:
             size = self._same_file(number, os.fstat(fd))
             if size and number not in self._maps and len(self._maps) < self._max_maps:
@@ -268,10 +284,10 @@ class SnapshotReader:
     def _map(self, number: int, fd: int, size: int) -> None:
         """Map the file read-only; the mapping outlives ``fd`` and stays until ``close()``. The first
         ``max_maps`` files are mapped (the same reasoning as for ``_fd``); the others are read with preadv."""
-        if _LIBC_MAPPING is None:  # pragma: no cover - reads go through preadv
+        if self._mapping is None:  # reads go through preadv
             return
         try:
-            self._maps[number] = _Mapping(fd, size)
+            self._maps[number] = _Mapping(fd, size, self._mapping)
         except OSError:  # out of mappings (ENOMEM: vm.max_map_count) or address space: preadv for the rest
             self._max_maps = len(self._maps)
 
@@ -284,7 +300,7 @@ class SnapshotReader:
             os.close(fd)
         self._fds, self._spare = {}, None
         self._where = {}
-        self._buffers = {}
+        self._buffers, self._iovecs = {}, {}
 
     def __enter__(self) -> SnapshotReader:
         return self
@@ -370,7 +386,7 @@ class SnapshotReader:
         for i in misses:
             number, base, buffers = items[i][:3]
             want = size if size is not None else items[i][3]
-            if os.preadv(self._fd(number), buffers, base + shift) != want:
+            if osio.read_into(self._fd(number), buffers, base + shift) != want:
                 raise OSError(f"snapshot file {self._paths[number].name} is shorter than its header says "
                               "(changed since the reader opened it)")
         return len(misses)
@@ -382,7 +398,7 @@ class SnapshotReader:
         try:
             for i, item in enumerate(items):
                 try:
-                    if os.preadv(self._fd(item[0]), item[2], item[1] + shift, _NOWAIT) == \
+                    if osio.read_nowait(self._fd(item[0]), item[2], item[1] + shift) == \
                             (size if size is not None else item[3]):
                         continue
                 except BlockingIOError:
@@ -400,29 +416,53 @@ class SnapshotReader:
         return misses
 
     def _advise(self, item, shift: int, size: int | None) -> None:
-        os.posix_fadvise(self._fd(item[0]), item[1] + shift, size if size is not None else item[3],
-                         os.POSIX_FADV_WILLNEED)
+        osio.advise(self._fd(item[0]), item[1] + shift, size if size is not None else item[3], "WILLNEED")
 
-    def _read_mapped(self, items, shift: int, size: int) -> int:
-        """Copy rows out of the memory maps while they are cached; the index of the first row not read
-        (``len(items)`` when all were), stopping after a row slow enough to have waited for the disk."""
+    def _read_mapped(self, name: str, items, shift: int, size: int) -> int:
+        """Copy rows out of the memory maps while they are cached, ``_CHUNK_ROWS`` per ``process_vm_readv``;
+        the index of the first row not read (``len(items)`` when all were), stopping after a chunk slow enough
+        to have waited for the disk, and at a row the kernel could not copy (a file cut short in place: the
+        preadv that reads it next names it)."""
         clock = time.perf_counter
-        if clock() - self._sizes_checked > _SIZE_CHECK_SECONDS:  # a file cut short under us: an error, not SIGBUS
+        if clock() - self._sizes_checked > _SIZE_CHECK_SECONDS:  # a file cut short in place: an error, not zeros
             if self._a_mapped_file_was_cut():
                 return 0
             self._sizes_checked = clock()
-        t0 = clock()
-        for i, (number, base, buffers) in enumerate(items):
-            m = self._maps.get(number)
-            o = base + shift
-            if m is None or o + size > len(m):
-                return i
-            buffers[0][:] = m.view[o:o + size]
-            t1 = clock()
-            if t1 - t0 > _ROW_SECONDS:
-                return i + 1
-            t0 = t1
-        return len(items)
+        local, remote_base = self._row_iovecs(name, items)
+        mapped = len(remote_base)
+        if not mapped:
+            return 0
+        remote = torch.empty((mapped, 2), dtype=torch.int64)
+        remote[:, 0] = remote_base + shift
+        remote[:, 1] = size
+        pid, copy = os.getpid(), self._mapping.copy
+        for start in range(0, mapped, _CHUNK_ROWS):
+            n = min(_CHUNK_ROWS, mapped - start)
+            t0 = clock()
+            got = copy(pid, local.data_ptr() + 16 * start, n, remote.data_ptr() + 16 * start, n, 0)
+            if got != n * size:
+                if got < 0 and ctypes.get_errno() in (errno.EPERM, errno.ENOSYS):  # refused here (seccomp): no maps
+                    self._mapping = None
+                return start + max(got, 0) // size
+            if clock() - t0 > _CHUNK_SECONDS:
+                return start + n
+        return mapped
+
+    def _row_iovecs(self, name: str, items) -> tuple[torch.Tensor, torch.Tensor]:
+        """For trajectory buffers ``items``: ``(local, remote)`` where ``local`` is an ``(S, 2)`` iovec array of
+        the result's rows (address, length) and ``remote`` the row-0 addresses of the leading mapped items."""
+        cached = self._iovecs.get(name)
+        if cached is None:
+            rows = [ctypes.addressof((ctypes.c_char * len(item[2][0])).from_buffer(item[2][0])) for item in items]
+            local = torch.tensor([[addr, len(item[2][0])] for addr, item in zip(rows, items)], dtype=torch.int64)
+            bases = []
+            for number, base, _ in items:
+                m = self._maps.get(number)
+                if m is None or m.addr is None:
+                    break
+                bases.append(m.addr + base)
+            cached = self._iovecs[name] = (local, torch.tensor(bases, dtype=torch.int64))
+        return cached
 
     def _a_mapped_file_was_cut(self) -> bool:
         """A mapped file truncated in place (same inode, now shorter than its mapping). A file replaced by
@@ -463,7 +503,7 @@ class SnapshotReader:
                 self._buffers[name] = (buf, [(number, base, (mv[i * rb:(i + 1) * rb],)) for i, (number, base) in
                                              enumerate(index)])
             buf, items = self._buffers[name]
-            done = self._read_mapped(items, token * rb, rb) if self._warm.get(name) else 0
+            done = self._read_mapped(name, items, token * rb, rb) if self._warm.get(name) and self._mapping else 0
             if done < len(items):
                 self._warm[name] = self._read(items[done:], token * rb, rb) == 0
             out = bytearray(buf)
@@ -491,7 +531,7 @@ class SnapshotReader:
         out = bytearray(U * S * rb)  # (U, S, D)
         if not (U and S):
             return out
-        iov_max = max(2, os.sysconf("SC_IOV_MAX"))
+        iov_max = osio.iov_max()
         segments: list[list[int]] = []  # runs of positions in uniq read by one preadv
         for p, t in enumerate(uniq):
             if segments and (t - uniq[segments[-1][-1]] - 1) * rb <= gap_bytes and 2 * len(segments[-1]) + 1 <= iov_max:

@@ -193,7 +193,7 @@ def test_snapshots_per_file_over_the_limit_names_the_flag_and_the_limit():
                            "--snapshots-per-file", str(MAX_SNAPSHOTS_PER_FILE + 1)], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.splitlines() == [
-        "budget-callback plan: error: argument --snapshots-per-file: must be at most 1,048,576 (one file holds them "
+        "budget-callback: error: argument --snapshots-per-file: must be at most 1,048,576 (one file holds them "
         "all in host RAM while it fills), got '1048577'"]
 
 
@@ -230,3 +230,47 @@ def test_compiled_gpt2_small_is_the_compiled_trace(capsys, batch, keep_logits, t
     code, fits = _plan(capsys, *args, "--compile", "--gpu", "h100", "--memory-budget", "80GB")
     _, eager_fits = _plan(capsys, *args, "--gpu", "h100", "--memory-budget", "80GB")
     assert code == 0 and fits["memory"]["max_batch_size"] > eager_fits["memory"]["max_batch_size"] > 0
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "budget_callback", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args", [[], ["plan"], ["plan", "--preset", "gpt5"], ["plan", "--preset", "gpt2", "--n-head", "7"],
+                                  ["report"]])
+def test_every_error_has_one_prefix(args):
+    """The command's own errors said `budget-callback: error:`, the plan's `budget-callback plan: error:`."""
+    proc = _cli(*args)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("budget-callback: error: "), proc.stderr
+
+
+def test_help_shows_the_defaults():
+    """`plan --help` showed no defaults; a newcomer could not tell what a plan without flags assumes."""
+    proc = _cli("plan", "--help")
+    assert proc.returncode == 0
+    helps, flag = {}, None  # option -> its help text (argparse wraps it over lines)
+    for line in proc.stdout[proc.stdout.index("options:"):].splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0].rstrip(",")
+            helps[flag] = line
+        elif flag is not None:
+            helps[flag] += " " + line.strip()
+    for flag, default in [("--steps", "1000"), ("--batch-size", "1"), ("--precision", "bf16-mixed"),
+                          ("--optimizer", "adamw"), ("--strategy", "ddp"), ("--save-every", "1"),
+                          ("--snapshot-dtype", "bfloat16"), ("--log-every-n-steps", "50"), ("--mfu", "0.4"),
+                          ("--on-exceed", "downsample"), ("--flash-attention", "True"), ("--momentum", "0.0")]:
+        assert f"(default: {default})" in " ".join(helps[flag].split()), helps[flag]
+
+
+def test_version_is_the_installed_package_version():
+    """`__version__` said 0.2.0 while pyproject.toml (and pip) said 0.1.0; now pyproject reads it from the package."""
+    import importlib.metadata
+
+    import budget_callback
+
+    proc = _cli("--version")
+    assert proc.returncode == 0
+    assert proc.stdout == f"budget-callback {budget_callback.__version__}\n"
+    assert budget_callback.__version__ == importlib.metadata.version("budget-callback")

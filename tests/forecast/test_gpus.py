@@ -57,6 +57,7 @@ def test_dense_peaks_equal_lightnings_table_where_it_is_dense(name):
     assert {d: GPUS[name].flops[d] for d in LIGHTNING_DTYPE} == {d: theirs[LIGHTNING_DTYPE[d]] for d in LIGHTNING_DTYPE}
 
 
+@pytest.mark.skipif("h200 sxm1" not in _CUDA_FLOPS, reason="this Lightning's FLOPs table has no H200 (added after 2.2)")
 def test_h200_is_dense_where_lightnings_entry_is_the_sparse_figure():
     """Lightning's ``h200 sxm1`` bf16 entry (2e15) is the with-sparsity number; ours is half of the datasheet's."""
     assert _CUDA_FLOPS["h200 sxm1"][torch.bfloat16] == 2e15

@@ -14,9 +14,13 @@ from budget_callback.errors import SnapshotDirInUseError
 from budget_callback.snapshots.directory import (BadFile, DirectoryLock, apply_edits, clean_temporaries, plan_truncation,
                                                  read_snapshot_file, scan)
 from budget_callback.snapshots.format import LOCK_FILE, SnapshotLayout
+import platforms
 from helpers import write_series
 
+pytestmark = pytest.mark.usefixtures("io_platform")  # linux, macos, windows: see conftest.py
+
 LAYOUT = SnapshotLayout(6, 2, "float32")
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
@@ -33,21 +37,64 @@ def test_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
     second.release()
 
 
-def test_lock_is_held_against_another_process(tmp_path):
-    """A real second process: flock is per open file, so the refusal is what another fit would see."""
+def _child(code: str, io_platform: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a real second process lacking what ``io_platform`` lacks, as this test process does."""
+    prelude = platforms.child_prelude(io_platform, TESTS)
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_lock_is_held_against_another_process(tmp_path, io_platform):
+    """A real second process: flock is per open file (the exclusively created file where there is no flock),
+    so the refusal is what another fit would see."""
     holder = DirectoryLock(tmp_path)
     holder.acquire()
-    code = textwrap.dedent(f"""
+    out = _child(f"""
         from budget_callback.snapshots.directory import DirectoryLock
         try:
             DirectoryLock({str(tmp_path)!r}).acquire()
         except Exception as err:
             print(type(err).__name__, err)
-    """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    """, io_platform).stdout
     holder.release()
     assert out.startswith("SnapshotDirInUseError") and f"pid {os.getpid()}" in out
     assert os.listdir(tmp_path) == []
+
+
+def test_a_lock_left_by_a_killed_holder_is_taken(tmp_path, io_platform):
+    """A holder killed with SIGKILL releases nothing itself: flock is released by the kernel, and a lock file
+    whose holder ran here and is gone is taken over. The new holder's name is in the file."""
+    proc = _child(f"""
+        import os, signal
+        from budget_callback.snapshots.directory import DirectoryLock
+        DirectoryLock({str(tmp_path)!r}).acquire(run="killed")
+        os.kill(os.getpid(), signal.SIGKILL)
+    """, io_platform)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["run"] == "killed"  # left behind
+    lock = DirectoryLock(tmp_path)
+    lock.acquire(run="next")
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["run"] == "next"
+    with pytest.raises(SnapshotDirInUseError, match=f"pid {os.getpid()}"):
+        DirectoryLock(tmp_path).acquire()
+    lock.release()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_lock_file_of_a_live_holder_elsewhere_is_refused_naming_it(tmp_path, io_platform):
+    """Where the lock is the file itself, a holder on another host cannot be asked whether it runs: refused,
+    and the message names the file to remove. (With flock, the kernel knows: an unlocked file is free.)"""
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "another-host", "since": "then",
+                                                  "command": "train.py"}))
+    lock = DirectoryLock(tmp_path)
+    if io_platform != "windows":
+        lock.acquire()
+        lock.release()
+        return
+    with pytest.raises(SnapshotDirInUseError, match=r"pid 1 on another-host since then: train.py.*if no fit runs "
+                                                    r"there, remove .*\.budget-callback\.lock"):
+        lock.acquire()
+    assert (tmp_path / LOCK_FILE).exists() and not lock.held
 
 
 def test_scan_sorts_out_valid_bad_foreign_and_temporaries(tmp_path):

@@ -12,6 +12,8 @@ from safetensors.torch import save
 from budget_callback.snapshots.format import (PAGE, WIDEST_STEP, SnapshotLayout, encode_header, image_bytes)
 from budget_callback.snapshots.image import FileImage
 
+pytestmark = pytest.mark.usefixtures("io_platform")  # linux, macos, windows: see conftest.py
+
 
 def _page_at_step_1(D: int, dtype: str) -> SnapshotLayout:
     """A layout whose step-1 file is a whole number of pages: only slack for wider steps keeps them in the buffer."""

@@ -12,9 +12,13 @@ import torch
 from budget_callback.snapshots import reader as reader_module
 from budget_callback.snapshots.format import SnapshotLayout
 from budget_callback.snapshots.reader import SnapshotReader
+import platforms
 from helpers import write_series
 
+pytestmark = pytest.mark.usefixtures("io_platform")  # linux, macos, windows: see conftest.py
+
 ROOT = str(Path(__file__).resolve().parents[2])
+TESTS = str(Path(__file__).resolve().parents[1])
 
 
 def _fill(step, name):
@@ -100,23 +104,19 @@ def test_rows_of_many_tokens_equal_the_matrices(snapshots, tokens):
 
 
 def test_cold_reads_after_the_page_cache_is_dropped(snapshots):
-    import os
-
     with SnapshotReader(snapshots) as r:
         warm = r.trajectory(4)
         for name in os.listdir(snapshots):
-            fd = os.open(snapshots / name, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
+            platforms.evict(snapshots / name)
         assert torch.equal(r.trajectory(4), warm)
 
 
-def test_mapped_and_read_rows_are_the_same_and_a_cut_file_is_an_error(snapshots):
-    """A trajectory that found every row cached reads the next from memory maps; a file cut short under
-    the reader is an error naming it, not a crash."""
+def test_mapped_and_read_rows_are_the_same_and_a_cut_file_is_an_error(snapshots, io_platform):
+    """A trajectory that found every row cached reads the next from memory maps (on Linux; elsewhere with
+    pread again); a file cut short under the reader is an error naming it, not a crash."""
     with SnapshotReader(snapshots) as r:
         first = r.trajectory(2)  # read with pread
-        assert r._warm["unembedding"]
+        assert r._warm["unembedding"] == (io_platform == "linux")  # no RWF_NOWAIT: no way to know it was cached
         again = r.trajectory(2)  # from the maps
         assert torch.equal(first.view(torch.int32), again.view(torch.int32))
         (snapshots / "step_000000020.safetensors").write_bytes(b"cut")
@@ -157,13 +157,16 @@ print(json.dumps({"steps": len(r.steps), "trajectory": first[:, 0].tolist(), "sa
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc/self/fd")
 @pytest.mark.parametrize("hard", ["unchanged", "lowered"])
-def test_a_long_series_reads_under_a_low_open_files_limit(tmp_path, hard):
+def test_a_long_series_reads_under_a_low_open_files_limit(tmp_path, hard, io_platform):
     """300 files under `ulimit -n 64`: the reader used to open (and keep) every file, raising the soft limit
     to fit (or failing with EMFILE where the hard limit is lower). Now it holds at most a quarter of the
     soft limit open and leaves the limit alone."""
+    if io_platform == "windows":
+        pytest.skip("Windows has no RLIMIT_NOFILE to lower (no `resource` module): the bound is its default, 128")
     write_series(tmp_path, SnapshotLayout(6, 2, "float32"), range(1, 301), fill=_fill)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", _LOW_LIMIT_CHILD, str(tmp_path), hard], capture_output=True,
+    child = platforms.child_prelude(io_platform, TESTS) + _LOW_LIMIT_CHILD
+    proc = subprocess.run([sys.executable, "-c", child, str(tmp_path), hard], capture_output=True,
                           text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout)
@@ -175,7 +178,7 @@ def test_a_long_series_reads_under_a_low_open_files_limit(tmp_path, hard):
 
 
 @pytest.fixture
-def bounded(tmp_path, monkeypatch):
+def bounded(tmp_path, monkeypatch, io_platform):
     """12 files, a reader that keeps at most 3 open and 5 mapped."""
     monkeypatch.setattr(reader_module, "_MAX_OPEN_FILES", 3)
     monkeypatch.setattr(reader_module, "_MAX_MAPS", 5)
@@ -183,16 +186,17 @@ def bounded(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_reads_past_the_bounds_equal_the_matrices(bounded):
+def test_reads_past_the_bounds_equal_the_matrices(bounded, io_platform):
+    maps = 5 if io_platform == "linux" else 0  # mapped reads need libc's process_vm_readv
     with SnapshotReader(bounded) as r:
-        assert len(r._fds) <= 3 and len(r._maps) == 5
+        assert len(r._fds) <= 3 and len(r._maps) == maps
         expected = torch.stack([r.load(step)[4] for step in r.steps])
-        assert torch.equal(r.trajectory(4), expected) and r._warm["unembedding"]
+        assert torch.equal(r.trajectory(4), expected) and r._warm["unembedding"] == (io_platform == "linux")
         assert torch.equal(r.trajectory(4), expected)  # five files from the mappings, seven with preadv
         got = r.rows(torch.tensor([4, 1, 4]))
         assert torch.equal(got[0], expected) and torch.equal(got[2], expected)
         assert torch.equal(got[1][:, 0], torch.tensor([2.0 + s for s in r.steps]))
-        assert len(r._fds) <= 3 and len(r._maps) == 5
+        assert len(r._fds) <= 3 and len(r._maps) == maps
 
 
 def test_a_file_replaced_after_its_descriptor_was_closed_is_named(bounded):
@@ -213,16 +217,51 @@ def test_a_file_replaced_after_its_descriptor_was_closed_is_named(bounded):
     r.close()
 
 
-def test_a_mapped_file_cut_after_its_descriptor_was_closed_is_an_error(bounded):
+def test_a_mapped_file_cut_after_its_descriptor_was_closed_is_an_error(bounded, io_platform):
     with SnapshotReader(bounded) as r:
         r.trajectory(1)
-        assert r._warm["unembedding"]
-        name = "step_000000004.safetensors"  # mapped, its descriptor closed
-        assert r.steps.index(4) in r._maps and r.steps.index(4) not in r._fds
+        name = "step_000000004.safetensors"  # mapped (on Linux), its descriptor closed
+        assert (r.steps.index(4) in r._maps) == r._warm["unembedding"] == (io_platform == "linux")
+        assert r.steps.index(4) not in r._fds
         os.truncate(bounded / name, 50)
         r._sizes_checked = float("-inf")
         with pytest.raises(OSError, match=name):
             r.trajectory(1)
+
+
+_CUT_UNDER_THE_MAP_CHILD = """
+import json, os, sys
+import torch
+from budget_callback.snapshots.reader import SnapshotReader
+directory, token = sys.argv[1], int(sys.argv[2])
+r = SnapshotReader(directory)
+first = r.trajectory(token)  # the files left the page cache as they were written: read with preadv
+r.trajectory(token)  # every row cached now: the next reads come from the maps (on Linux)
+warm = r.trajectory(token)  # from the maps, and the files' sizes were just checked (at most once a second)
+os.truncate(os.path.join(directory, "step_000000002.safetensors"), 4096)  # in place: the pages of token's row go
+try:
+    r.trajectory(token)
+    print(json.dumps({"raised": None}))
+except OSError as err:
+    print(json.dumps({"raised": str(err), "same": torch.equal(first, warm), "maps": len(r._maps)}))
+"""
+
+
+def test_a_file_cut_under_its_mapping_is_an_error_not_sigbus(tmp_path, io_platform):
+    """Truncated in place between two warm trajectories: the row's page is past the file's new end. A copy made
+    by the process itself (the reader's old mapped reads) died there of SIGBUS, killing the process; the kernel's
+    copy (process_vm_readv) reports it, and the preadv that follows names the file. Run in a child process so
+    that a SIGBUS shows as its exit status."""
+    layout = SnapshotLayout(1000, 64, "float32")  # 256 kB per file: row 900 lies 56 pages in
+    write_series(tmp_path, layout, range(1, 4), fill=lambda step, name: torch.full((1000, 64), float(step)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    child = platforms.child_prelude(io_platform, TESTS) + _CUT_UNDER_THE_MAP_CHILD
+    proc = subprocess.run([sys.executable, "-c", child, str(tmp_path), "900"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, f"exit status {proc.returncode}: {proc.stderr[-2000:]}"
+    got = json.loads(proc.stdout)
+    assert got["raised"] is not None and "step_000000002.safetensors" in got["raised"], got
+    assert got["same"] and got["maps"] == (3 if io_platform == "linux" else 0)
 
 
 # --- token ids: numpy and torch integers ----------------------------------------------------------------------------
