@@ -36,6 +36,9 @@ SLOW_MODULES = {  # path under tests/ -> why
     "test_reliability.py": "faults for real: SIGKILL mid-write, full tmpfs, DDP, each in a subprocess",
     "test_examples.py": "the examples as a user runs them, in subprocesses",
     "lightning/test_distributed.py": "two processes per test (gloo), Lightning launching the ranks",
+    "lightning/test_sharding.py": "FSDP2 on two processes (gloo), each rank measured by the profiler",
+    "lightning/test_planning.py": "a fit per case, one step measured by the profiler",
+    "lightning/test_fake_module.py": "fits with and without the callback, a 200 MB memmap",
 }
 SLOW_TESTS = {  # "path::test name" (every parametrization) -> why
     "snapshots/test_reader.py::test_a_long_series_reads_under_a_low_open_files_limit": "300 files, a subprocess",
@@ -50,9 +53,14 @@ SLOW_TESTS = {  # "path::test name" (every parametrization) -> why
     "lightning/test_session.py::test_two_fits_on_one_directory_at_the_same_time": "two fits in two processes",
     "lightning/test_inputs.py::test_final_step_and_steps_per_batch": "a fit per case",
     "forecast/test_checkpoint.py::test_checkpoint_forecast_within_one_percent": "writes real checkpoints",
+    "lightning/test_tracing.py::test_trace_equals_a_real_lightning_step": "a fit per case, measured by the profiler",
+    "lightning/test_tracing.py::test_trace_rebuilds_the_optimizer_the_run_configures": "a fit per optimizer",
+    "lightning/test_tracing.py::test_trace_of_manual_optimization_with_two_optimizers": "a fit",
+    "lightning/test_blocks.py::test_the_fit_start_measurement_extrapolates_and_equals_the_whole_trace": "traces",
 }
 COMPILED_MODULES = {"lightning/test_tracing_compiled.py"}
-COMPILED_TESTS = {"lightning/test_found_by_users.py::test_a_compiled_module_compiles_as_it_would_without_the_callback"}
+COMPILED_TESTS = {"lightning/test_found_by_users.py::test_a_compiled_module_compiles_as_it_would_without_the_callback",
+                  "lightning/test_blocks.py::test_compiled_the_line_through_one_and_two_blocks_is_the_whole_model"}
 
 
 def pytest_collection_modifyitems(config, items):
