@@ -100,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_argument_group("model", "--preset NAME, or all of --vocab-size --d-model --n-layer --n-head; "
                                           "with a preset, any flag below overrides its value")
     model.add_argument("--preset", choices=list(PRESETS), metavar="NAME", help="one of: " + ", ".join(PRESETS))
+    model.add_argument("--model", metavar="MODULE:FACTORY",
+                       help="your own model: a callable returning a LightningModule (or an nn.Module, trained with "
+                            "--optimizer), built on the meta device and traced as the callback traces it at fit "
+                            "start (needs --seq-len)")
+    model.add_argument("--hf-config", metavar="PATH",
+                       help="a Hugging Face config.json: its causal LM, no weights, no network (needs transformers)")
+    model.add_argument("--batch", metavar="MODULE:FN",
+                       help="with --model: fn(batch_size, seq_len) returns the batch (default: (x, y) token ids)")
     for flag, text in (("--vocab-size", "V"), ("--d-model", "D, the hidden size"), ("--n-layer", "transformer blocks"),
                        ("--n-head", "attention heads"), ("--n-kv-head", "key/value heads (default: --n-head)"),
                        ("--head-dim", "default: --d-model / --n-head"), ("--d-mlp", "default: 4 x --d-model"),
@@ -200,31 +208,66 @@ def _stdout_to_devnull() -> None:
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.model or args.hf_config:
+        return _print(args, *_plan_model(args, parser))
     try:
-        shape = _shape(args, parser)
-        inputs = PlanInputs(
-            shape=shape,
-            setup=TrainSetup(args.batch_size, args.seq_len, args.grad_accum, args.devices, args.num_nodes, args.precision,
-                             args.optimizer, args.momentum, args.optimizer_impl, args.strategy, args.flash_attention,
-                             keep_logits=args.keep_logits, activation_checkpointing=args.activation_checkpointing,
-                             compile=args.compile),
-            steps=args.steps,
-            snapshot=SnapshotSpec(args.save_every, args.snapshot_dtype, args.snapshots_per_file, args.include_embedding),
-            logging=LoggingSpec(args.log_every_n_steps, args.train_metrics, args.eval_every, args.eval_metrics,
-                                checkpoint_every_n_steps=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
-                                log_model=args.log_model),
-            budgets=Budgets(args.disk_budget, args.memory_budget, args.wandb_budget, args.on_exceed),
-            gpu=args.gpu,
-            mfu=args.mfu,
-        )
+        inputs = _inputs(args, _shape(args, parser))
     except ValueError as err:
         parser.error(_flag_message(err))
-    result = forecast(inputs)
+    return _print(args, forecast(inputs), [])
+
+
+def _print(args: argparse.Namespace, result, notes: list[str]) -> int:
+    result.notes.extend(notes)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         print(render(result))
     return 1 if args.check and result.decision == "abort" else 0
+
+
+def _plan_model(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """``--model`` / ``--hf-config``: the user's model measured as the callback measures it (imports torch)."""
+    given = [f for f, v in (("--model", args.model), ("--hf-config", args.hf_config), ("--preset", args.preset),
+                            ("--vocab-size", args.vocab_size), ("--d-model", args.d_model)) if v]
+    if len(given) > 1:
+        parser.error(f"give one model: {' and '.join(given)} were both given")
+    if args.seq_len is None:
+        parser.error("--seq-len is required with --model and --hf-config (the batch is --batch-size x --seq-len)")
+    from dataclasses import replace
+
+    from .model import ModelError, build_model, measure_planned
+
+    try:
+        stand_in = ModelShape(vocab_size=1, d_model=1, n_layer=1, n_head=1, n_ctx=args.seq_len, learned_pos=False)
+        inputs = _inputs(args, stand_in, compile_modelled=False)
+        planned = build_model(args)
+        measured, shape, notes = measure_planned(planned, inputs)
+        inputs = replace(inputs, shape=shape)
+    except ModelError as err:
+        parser.error(str(err))
+    except ValueError as err:
+        parser.error(_flag_message(err))
+    return forecast(inputs, measured), [f"model: {planned.description}", *notes]
+
+
+def _inputs(args: argparse.Namespace, shape: ModelShape, compile_modelled: bool = True) -> PlanInputs:
+    """The run the flags describe; ``compile_modelled=False``: ``--compile`` is traced, not the analytic model."""
+    return PlanInputs(
+        shape=shape,
+        setup=TrainSetup(args.batch_size, args.seq_len, args.grad_accum, args.devices, args.num_nodes, args.precision,
+                         args.optimizer, args.momentum, args.optimizer_impl, args.strategy, args.flash_attention,
+                         keep_logits=args.keep_logits, activation_checkpointing=args.activation_checkpointing,
+                         compile=args.compile and compile_modelled),
+        steps=args.steps,
+        snapshot=SnapshotSpec(args.save_every, args.snapshot_dtype, args.snapshots_per_file, args.include_embedding),
+        logging=LoggingSpec(args.log_every_n_steps, args.train_metrics, args.eval_every, args.eval_metrics,
+                            checkpoint_every_n_steps=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+                            log_model=args.log_model),
+        budgets=Budgets(args.disk_budget, args.memory_budget, args.wandb_budget, args.on_exceed),
+        gpu=args.gpu,
+        mfu=args.mfu,
+    )
 
 
 def _flag_message(err: ValueError) -> str:

@@ -159,7 +159,11 @@ def test_a_compiled_module_compiles_as_it_would_without_the_callback(tmp_path):
         frames[with_cb] = dict(torch._dynamo.utils.counters["frames"])
     assert frames[True] == frames[False] and frames[True].get("ok", 0) >= 1
     assert torch.equal(SnapshotReader(tmp_path / "s").load(3), model.W_U.detach().t())
-    assert cbs[0].forecast.memory["mode"] == "compiled"  # forecast from the compiled partition, not run by dynamo
+    from budget_callback.lightning.torch_internals import compiled_trace_unsupported
+
+    why = compiled_trace_unsupported()  # torch < 2.11: forecast as eager, and the report says why
+    assert cbs[0].forecast.memory["mode"] == ("eager" if why else "compiled")  # not run by dynamo
+    assert not why or any(why in n for n in cbs[0].forecast.notes)
 
 
 def test_the_callback_does_not_change_what_trains(tmp_path):

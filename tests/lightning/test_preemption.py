@@ -144,7 +144,8 @@ def test_ctrl_c_while_w_is_captured_resumes_to_the_same_series(tmp_path, record)
     _until(job, "capturing")
     job.send_signal(signal.SIGINT)
     out, err = job.communicate(timeout=300)
-    assert job.returncode == 1 and "KeyboardInterrupt" in out + err, err[-3000:]
+    # Lightning shuts down gracefully on Ctrl-C; from 2.3 on it then exits 1, 2.2 returns from fit
+    assert job.returncode in (0, 1) and "KeyboardInterrupt" in out + err, err[-3000:]
     ckpt = tmp_path / "interrupted.ckpt"
     assert ckpt.exists()
 

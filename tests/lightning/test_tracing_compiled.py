@@ -113,6 +113,7 @@ def test_fit_forecasts_the_compiled_step(tmp_path):
     assert cb.bytes_written == cb.projected_bytes == sum(f.stat().st_size for f in (tmp_path / "s").glob("*.safetensors")) > 0
 
 
+@needs_compiled_tracer
 def test_fit_with_an_untraceable_compiled_step_forecasts_eager_and_says_so(tmp_path):
     model = LlamaLM(vocab=64, d=16)
     model.compile(backend=lambda gm, example: gm.forward)

@@ -4,6 +4,7 @@ import glob
 import json
 import os
 
+import pytest
 import wandb
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
@@ -91,6 +92,9 @@ def test_forecast_counts_every_scalar_the_callback_logs(tmp_path):
     assert abs(cb.forecast.wandb["run_file_bytes"] - size) / size < 0.5  # tiny run: fixed part dominates
 
 
+@pytest.mark.skipif(tuple(int(x) for x in wandb.__version__.split(".")[:2]) < (0, 18),
+                    reason="wandb-core (whole 32 KiB blocks while the run lives) is wandb's writer from 0.18; "
+                           f"wandb {wandb.__version__}'s Python writer flushes partial blocks")
 def test_wandb_chart_compares_like_with_like(tmp_path):
     """wandb-core writes its run file in whole 32 KiB blocks while the run lives. Before: the chart set the
     forecast of the finished file against the blocks written so far (13 KB "actual" against a 27 KB forecast)."""

@@ -1,0 +1,129 @@
+"""`budget-callback plan --model`: any model before it runs, the same peak as the callback's fit-start forecast
+for the same run (a real fit on the CPU), and a clear answer for every bad input."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from budget_callback import BudgetCallback
+from budget_callback.cli import main
+from helpers import token_loader, trainer
+
+TESTS = Path(__file__).resolve().parents[1]
+RUN = ["--batch-size", "4", "--seq-len", "64", "--precision", "32-true", "--steps", "3", "--json"]
+
+
+def _plan(capsys, *args):
+    cwd = os.getcwd()
+    os.chdir(TESTS)  # the plan imports the factory's module from the working directory, as `python -m` does
+    try:
+        code = main(["plan", *args])
+    finally:
+        os.chdir(cwd)
+    return code, json.loads(capsys.readouterr().out)
+
+
+def _fit_forecast(tmp_path, module):
+    import plan_models
+
+    cb = BudgetCallback(tmp_path / "s", verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path, [cb], max_steps=6 if module.automatic_optimization is False else 3).fit(
+            module, token_loader(vocab=plan_models.V, seq=64, n=16, batch=4))
+    return cb.forecast.to_dict()
+
+
+@pytest.mark.parametrize("name", ["llama", "untyped_gpt", "deep_gpt", "manual", "lens", "demo"])
+def test_plan_model_is_the_callbacks_own_forecast_of_the_same_run(tmp_path, capsys, name):
+    import plan_models
+
+    code, planned = _plan(capsys, "--model", f"plan_models:{name}", *RUN)
+    torch.manual_seed(0)
+    fitted = _fit_forecast(tmp_path, plan_models.FACTORIES[name]())
+    assert code == 0
+    assert planned["memory"]["peak_bytes"] == fitted["memory"]["peak_bytes"] > 0
+    assert planned["memory"]["peak_phase"] == fitted["memory"]["peak_phase"]
+    assert planned["memory"]["activations_method"] == fitted["memory"]["activations_method"]
+    assert planned["params"]["total"] == fitted["params"]["total"]
+    assert planned["storage"]["snapshot_bytes"] == fitted["storage"]["snapshot_bytes"]
+    assert any(n == f"model: --model plan_models:{name}" for n in planned["notes"])
+
+
+def test_a_plain_module_is_trained_on_the_cross_entropy_of_its_logits(tmp_path, capsys):
+    import plan_models
+
+    code, planned = _plan(capsys, "--model", "plan_models:core", *RUN, "--optimizer-impl", "for-loop")
+    fitted = _fit_forecast(tmp_path, plan_models.Wrapped())
+    assert code == 0 and planned["memory"]["peak_bytes"] == fitted["memory"]["peak_bytes"]
+
+
+def test_largest_micro_batch_and_fewest_devices_come_from_the_traced_slope(capsys):
+    code, small = _plan(capsys, "--model", "plan_models:llama", *RUN, "--memory-budget", "64MiB")
+    _, fsdp = _plan(capsys, "--model", "plan_models:llama", *RUN, "--memory-budget", "64MiB", "--strategy", "fsdp",
+                    "--devices", "4")
+    assert code == 0 and small["memory"]["max_batch_size"] > 4 and small["memory"]["min_devices"] == 1
+    assert fsdp["memory"]["params_bytes"] < small["memory"]["params_bytes"]  # sharded four ways
+    assert fsdp["memory"]["max_batch_size"] >= small["memory"]["max_batch_size"]
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--model", "plan_models"], "--model takes MODULE:CALLABLE"),
+    (["--model", "no_such_module:f"], "--model: cannot import 'no_such_module'"),
+    (["--model", "plan_models:nothing_here"], "--model: 'plan_models' has no 'nothing_here'"),
+    (["--model", "plan_models:not_a_module"], "returned int, not a LightningModule or an nn.Module"),
+    (["--model", "plan_models:llama", "--preset", "gpt2"], "give one model"),
+])
+def test_bad_model_input_exits_2_naming_the_flag(capsys, args, says):
+    cwd = os.getcwd()
+    os.chdir(TESTS)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main(["plan", *args, "--seq-len", "64"])
+    finally:
+        os.chdir(cwd)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and says in err and err.startswith("budget-callback: error:")
+    assert err.count("\n") == 1
+
+
+def test_seq_len_is_required_with_a_model(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", "--model", "plan_models:llama"])
+    assert exit_.value.code == 2 and "--seq-len is required" in capsys.readouterr().err
+
+
+def test_hf_config_without_transformers_says_what_to_install(tmp_path, capsys):
+    pytest.importorskip("torch")
+    try:
+        import transformers  # noqa: F401
+        pytest.skip("transformers is installed here: the message is for machines without it")
+    except ImportError:
+        pass
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", "--hf-config", str(tmp_path / "config.json"), "--seq-len", "64"])
+    assert exit_.value.code == 2 and "needs the `transformers` package" in capsys.readouterr().err
+
+
+def test_plan_without_a_model_imports_no_torch():
+    code = ("import sys; from budget_callback.cli import main; main(['plan', '--preset', 'gpt2-tiny', '--json']); "
+            "assert 'torch' not in sys.modules and 'lightning' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_readme_plan_model_output_is_current(capsys):
+    """The README shows the real output of its `plan --model` example (Lightning's demo Transformer)."""
+    readme = (TESTS.parent / "README.md").read_text()
+    marker = "Lightning's own demo Transformer (the first command above; nothing downloaded):\n\n```\n"
+    shown = readme[readme.index(marker) + len(marker):].split("```")[0]
+    main(["plan", "--model", "lightning.pytorch.demos:LightningTransformer", "--batch-size", "20", "--seq-len", "35",
+          "--precision", "32-true", "--steps", "10000", "--memory-budget", "4GiB"])
+    assert capsys.readouterr().out == shown
