@@ -144,8 +144,10 @@ def test_ctrl_c_while_w_is_captured_resumes_to_the_same_series(tmp_path, record)
     _until(job, "capturing")
     job.send_signal(signal.SIGINT)
     out, err = job.communicate(timeout=300)
-    # Lightning shuts down gracefully on Ctrl-C; from 2.3 on it then exits 1, 2.2 returns from fit
-    assert job.returncode in (0, 1) and "KeyboardInterrupt" in out + err, err[-3000:]
+    # Lightning shuts down gracefully on Ctrl-C; from 2.3 on it then exits 1 and says so, 2.2 returns from fit
+    # (its word is a warning, silenced in the job): the summary says the run stopped on the exception
+    assert job.returncode in (0, 1) and ("KeyboardInterrupt" in out + err or "stopped by an exception" in out + err), \
+        err[-3000:]
     ckpt = tmp_path / "interrupted.ckpt"
     assert ckpt.exists()
 
