@@ -42,6 +42,7 @@ from .notice import FailureNotice, new_token
 from .locate import MatrixSource, choice_note, find_embedding, find_unembedding, is_tied
 from .planning import FitFacts, capture_device_bytes, plan_fit
 from .summary import NOT_STARTED, idle_line, series_line
+from .torch_internals import graph_break_counts
 from .tracking import RunTracker, logger_step, should_log
 from .wandb_panels import log_charts, log_events, log_forecast, log_summary_line, wandb_loggers
 
@@ -97,6 +98,7 @@ class FitSession:
         self._flush_after_step = False
         self._finished = False
         self._overflow_warned = False
+        self._graph_breaks: dict[str, int] | None = None  # dynamo's graph breaks at fit start, a compiled run
         self.notice: FailureNotice | None = None
         self._copy_error: BaseException | None = None
         self.reported: dict | None = None  # rank 0's end-of-fit figures, on every rank
@@ -200,6 +202,7 @@ class FitSession:
         if writers and self.series is not None:
             self.series.event({"step": trainer.global_step, "event": "copy_guarded",
                                "reason": "code between the steps may change W: " + ", ".join(writers[:5])})
+        self._graph_breaks = graph_break_counts() if result.memory.get("mode") == "compiled" else None
         self.tracker = RunTracker(result, R.module_peak_flops(trainer, module), facts.on_accelerator, wandb)
         self.next_check_step = trainer.global_step + 1
         if self.schedule.last_step < trainer.global_step:
@@ -316,12 +319,32 @@ class FitSession:
             self._lost_seen = self.series.lost  # a write hit a full disk: look again now (one process only)
             self.next_check_step = step
         self._warn_overflow()
+        if stepped and self._graph_breaks is not None:
+            self._check_graph_breaks(step)
         if stepped and step > self.facts.final_step and not self._past_forecast:
             self._ran_past_forecast(step)
         if stepped and step >= self.next_check_step and not self.schedule.paused and self.stop_reason is None:
             self._guard(trainer, step)
         if stepped and should_log(trainer):
             self._log(trainer, logger_step(trainer))
+
+    def _check_graph_breaks(self, step: int) -> None:
+        """After the first compiled step: the fit-start forecast traced each compiled region as one graph; a
+        graph break (dynamo compiled the step in pieces) can make the step need more, which is said once."""
+        before, self._graph_breaks = self._graph_breaks, None
+        now = graph_break_counts()
+        new = {k: v - before.get(k, 0) for k, v in now.items() if v > before.get(k, 0)}
+        if not new:
+            return
+        reasons = "; ".join(f"{k[:80]} (x{v})" for k, v in list(new.items())[:3])
+        text = (f"the compiled step has {sum(new.values())} graph break(s) ({reasons}): the fit-start forecast "
+                "traced each compiled region as one graph, and pieces (or frames run eagerly) can keep more alive; "
+                "the memory forecast may be low (the eager forecast is the safe bound: drop torch.compile for it, "
+                "or remove the breaks, torch._dynamo.explain shows them)")
+        warnings.warn(f"budget-callback: {text}", stacklevel=2)
+        if self.series is not None:
+            self.series.event({"step": step, "event": "compiled_graph_breaks", "count": sum(new.values()),
+                               "reasons": list(new)[:5]})
 
     def _stop_if_rank_zero_failed(self, step: int) -> None:
         """Several ranks: rank 0's writer failure stops every rank at the same batch end, with its cause."""

@@ -332,3 +332,21 @@ def fsdp2_gathered_dtype(unit: torch.nn.Module, param: torch.Tensor) -> torch.dt
         return policy.param_dtype or param.dtype
     except AttributeError:
         return param.dtype
+
+
+# --- dynamo's own counters ---------------------------------------------------------------------------------------
+
+
+def graph_break_counts() -> dict[str, int]:
+    """Dynamo's graph breaks so far in this process, by reason, and the frames it gave up on and ran eagerly
+    (``frames not compiled``: a graph break inside a loop skips the whole frame), from
+    ``torch._dynamo.utils.counters``."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover - every declared torch has it
+        return {}
+    out = {str(k): int(v) for k, v in counters["graph_break"].items()}
+    skipped = int(counters["frames"].get("total", 0)) - int(counters["frames"].get("ok", 0))
+    if skipped > 0:
+        out["frames not compiled (run eagerly)"] = skipped
+    return out

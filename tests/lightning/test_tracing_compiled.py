@@ -110,6 +110,7 @@ def test_fit_forecasts_the_compiled_step(tmp_path):
     assert m["peak_bytes"] < peak_memory_from_trace(eager, setup)["peak_bytes"]
     assert m["max_batch_size"] > 4 and m["min_devices"] == 1
     assert any("forecast as compiled (inductor)" in n for n in cb.forecast.notes)
+    assert not any(e["event"] == "compiled_graph_breaks" for e in cb.events)  # one graph, as traced
     assert cb.bytes_written == cb.projected_bytes == sum(f.stat().st_size for f in (tmp_path / "s").glob("*.safetensors")) > 0
 
 
@@ -195,3 +196,33 @@ def test_a_compile_that_bypasses_the_stub_is_refused(monkeypatch):
     model.compile()
     with pytest.raises(CompiledTraceError, match="code generation was stubbed for 0 graph"):
         trace_compiled_training_step_memory(model, _batch(vocab=64), _step, optimizer=model.configure_optimizers())
+
+
+class _Breaking(LlamaLM):
+    """A compiled step that dynamo compiles in pieces (a graph break after each block)."""
+
+    def forward(self, x):
+        h = self.tok_embeddings(x)
+        for layer in self.layers:
+            h = layer(h)
+            torch._dynamo.graph_break()  # as an unsupported call or a print makes one
+        return self.output(self.norm(h))
+
+
+@needs_compiled_tracer
+def test_a_graph_break_in_the_compiled_step_is_said_after_the_first_step(tmp_path):
+    """The fit-start forecast traces each compiled region as one graph; dynamo broke this one in pieces, which
+    the first real step shows: a warning and an event, once."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = _Breaking(vocab=64, d=16)
+    model.compile()
+    cb = BudgetCallback(tmp_path / "s", snapshot_dtype="float32", verbose=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [cb], max_steps=3).fit(model, token_loader(vocab=64))
+    said = [str(w.message) for w in caught if "graph break" in str(w.message)]
+    assert len(said) == 1 and "the memory forecast may be low" in said[0]
+    events = [e for e in cb.events if e["event"] == "compiled_graph_breaks"]
+    assert len(events) == 1 and events[0]["count"] >= 1 and events[0]["step"] == 1
