@@ -23,16 +23,28 @@ __all__ = ["Stack", "find_stack"]
 _PLAIN = (int, float, str, bool, type(None))
 
 
-def _signature(block: nn.Module, index: int) -> tuple:
+def _signature(block: nn.Module, indexed: frozenset = frozenset()) -> tuple:
+    """What makes a block what it is: per submodule its type, tensors and plain attributes (those in
+    ``indexed``, ``(submodule, attribute)`` pairs that hold each block's own index, aside)."""
     parts = []
     for name, mod in block.named_modules():
         attrs = tuple(sorted((k, repr(v)) for k, v in vars(mod).items()
-                             if not k.startswith("_") and isinstance(v, _PLAIN)
-                             and not (type(v) is int and v == index)))
+                             if not k.startswith("_") and isinstance(v, _PLAIN) and (name, k) not in indexed))
         tensors = tuple((n, tuple(t.shape), t.dtype, t.requires_grad)
                         for n, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)])
         parts.append((name, type(mod).__qualname__, attrs, tensors))
     return tuple(parts)
+
+
+def _index_attributes(blocks: list[nn.Module]) -> frozenset:
+    """``(submodule, attribute)`` pairs holding each block's own position (Hugging Face's ``layer_idx``): in
+    every block equal to its index."""
+    found = None
+    for i, block in enumerate(blocks):
+        here = {(name, k) for name, mod in block.named_modules() for k, v in vars(mod).items()
+                if type(v) is int and v == i}
+        found = here if found is None else found & here
+    return frozenset(found or ())
 
 
 class Stack:
@@ -59,8 +71,9 @@ def find_stack(module: nn.Module, at_least: int = 2) -> Stack | None:
         children: list[Any] = list(mod)
         if len({type(c) for c in children}) != 1:
             continue
-        first = _signature(children[0], 0)
-        if all(_signature(c, i) == first for i, c in enumerate(children[1:], start=1)):
+        indexed = _index_attributes(children)
+        first = _signature(children[0], indexed)
+        if all(_signature(c, indexed) == first for c in children[1:]):
             if best is None or len(mod) > best.depth:
                 best = Stack(path, mod)
     return best

@@ -103,5 +103,8 @@ def test_blocks_that_differ_are_not_a_stack_and_an_index_is_no_difference():
     for i, block in enumerate(same):
         block.layer_idx = i
     assert find_stack(nn.Sequential(same)).depth == 6
+    for block in same:  # a setting that happens to equal one block's index is a setting (HF's kv groups = 2)
+        block.groups = 2
+    assert find_stack(nn.Sequential(same)).depth == 6
     widths = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 16)])
     assert find_stack(nn.Sequential(widths)) is None
