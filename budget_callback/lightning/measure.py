@@ -151,22 +151,24 @@ class _Tracer:
     def _extrapolated(self, batches: list, compiled: bool) -> list[dict]:
         """Eager: the stack cut to two and three blocks, each part of each pass on its line (the peak may move
         from one part to another as the stack deepens). Compiled (one graph: its blocks are not seen): each half
-        of each pass, cut to one and two blocks, checked against the stack cut to three (the line through one and
-        two must give three's figures, else the whole model is traced)."""
-        sizes = (1, 2, 3) if compiled else (2, 3)
+        of each pass, cut to one and two blocks, checked against the stack cut to three at the run's own
+        micro-batch (the line through one and two must give three's figures, else the whole model is traced)."""
+        sizes = (1, 2) if compiled else (2, 3)
         cut = {n: self._run(batches, compiled, (self.stack, n)) for n in sizes}
+        if compiled:  # the check at three blocks, for the run's own micro-batch (the others give the slope)
+            cut[3] = self._run(batches[:1], compiled, (self.stack, 3))
         out = []
         for i in range(len(batches)):
             traces = [cut[n][i] for n in sizes]
             if not all("segments" in t for t in traces):
                 raise _NotOnOneLine("the parts of the passes were not seen")
-            if compiled:
+            if compiled and i == 0:
                 guess = trace_at_blocks(traces[0], traces[1], 3, at=(1, 2))
-                bent = [k for k in _PHASE_PEAKS if k in guess and guess[k] != traces[2][k]]
+                bent = [k for k in _PHASE_PEAKS if k in guess and guess[k] != cut[3][0][k]]
                 if bent:
-                    raise _NotOnOneLine(", ".join(f"{k} at 3 blocks: {guess[k]:,} on the line, {traces[2][k]:,} "
+                    raise _NotOnOneLine(", ".join(f"{k} at 3 blocks: {guess[k]:,} on the line, {cut[3][0][k]:,} "
                                                   "traced" for k in bent[:3]))
-            out.append(trace_at_blocks(traces[0], traces[1], self.stack.depth, at=sizes[:2]))
+            out.append(trace_at_blocks(traces[0], traces[1], self.stack.depth, at=sizes))
         return out
 
     def _run(self, batches: list, compiled: bool, cut: tuple[Stack, int] | None = None) -> list[dict]:
