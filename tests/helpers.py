@@ -232,3 +232,14 @@ class Filler(L.Callback):
                     fh.write(b"\0" * self.nbytes)
                 except OSError as err:
                     assert err.errno == errno.ENOSPC
+
+
+class LossOnly(nn.Module):
+    """A model's whole step in one graph that returns the loss only (what a compiled ``training_step`` is)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y):
+        return self.model(x, y)[1]

@@ -503,18 +503,28 @@ def peak_memory_from_trace(trace: dict, setup: TrainSetup, capture_bytes: int = 
     grads = trace["gradients_bytes"] // shard
     opt = trace["optimizer_state_bytes"] // shard
     buckets = trace["gradients_bytes"] if setup.strategy == "ddp" and W > 1 else 0
+    deepspeed = setup.strategy.startswith("deepspeed")
+    passes = _passes(trace, params, opt, buckets,
+                     lambda key, alive: 0 if key == "forward" and deepspeed else alive // shard)
+    persistent = trace["params_bytes"] + trace["buffers_bytes"] + trace["optimizer_state_bytes"]
+    step_temporaries = max(0, trace["optimizer_peak_bytes"] - persistent - trace["gradients_bytes"]) // shard
+    step = {"params": params, "gradients": grads, "optimizer": opt + step_temporaries, "activations": 0, "other": buckets}
+    return _at_peak(_phases(passes, step, opt, capture_bytes))
+
+
+def _passes(trace: dict, params: int, opt: int, other: int, gradients) -> dict[str, dict[str, int]]:
+    """The forward and backward moments of a traced step on one device: its parameters, optimizer state and
+    ``other`` as given, ``gradients(phase, alive)`` of the (unsharded) gradients alive as each phase starts, and
+    the activations: the phase's peak beyond everything persistent and those gradients."""
     persistent = trace["params_bytes"] + trace["buffers_bytes"] + trace["optimizer_state_bytes"]
     passes = {}
     for key, name in _TRACE_PASSES.items():
         if f"{key}_peak_bytes" not in trace or (key == "backward" and not trace[f"{key}_peak_bytes"]):
             continue
         alive = trace.get(f"{key}_gradients_bytes", 0)
-        kept = 0 if (key == "forward" and setup.strategy.startswith("deepspeed")) else alive // shard
-        passes[name] = {"params": params, "gradients": kept, "optimizer": opt,
-                        "activations": trace[f"{key}_peak_bytes"] - persistent - alive, "other": buckets}
-    step_temporaries = max(0, trace["optimizer_peak_bytes"] - persistent - trace["gradients_bytes"]) // shard
-    step = {"params": params, "gradients": grads, "optimizer": opt + step_temporaries, "activations": 0, "other": buckets}
-    return _at_peak(_phases(passes, step, opt, capture_bytes))
+        passes[name] = {"params": params, "gradients": gradients(key, alive), "optimizer": opt,
+                        "activations": trace[f"{key}_peak_bytes"] - persistent - alive, "other": other}
+    return passes
 
 
 def _fsdp2_from_trace(trace: dict, sharded: ShardedModel, capture_bytes: int) -> dict:
@@ -525,14 +535,7 @@ def _fsdp2_from_trace(trace: dict, sharded: ShardedModel, capture_bytes: int) ->
     params = sharded.local_params_bytes + trace["buffers_bytes"]
     opt = sharded.share(trace["optimizer_state_bytes"])
     persistent = trace["params_bytes"] + trace["buffers_bytes"] + trace["optimizer_state_bytes"]
-    passes = {}
-    for key, name in _TRACE_PASSES.items():
-        if f"{key}_peak_bytes" not in trace or (key == "backward" and not trace[f"{key}_peak_bytes"]):
-            continue
-        alive = trace.get(f"{key}_gradients_bytes", 0)
-        passes[name] = {"params": params, "gradients": sharded.share(alive), "optimizer": opt,
-                        "activations": trace[f"{key}_peak_bytes"] - persistent - alive,
-                        "other": sharded.root_unit_bytes}
+    passes = _passes(trace, params, opt, sharded.root_unit_bytes, lambda key, alive: sharded.share(alive))
     temporaries = sharded.share(max(0, trace["optimizer_peak_bytes"] - persistent - trace["gradients_bytes"]))
     step = {"params": params, "gradients": sharded.share(trace["gradients_bytes"]), "optimizer": opt + temporaries,
             "activations": 0, "other": 0}

@@ -16,6 +16,7 @@ from budget_callback.lightning.tracing import trace_steps
 from budget_callback.lightning.tracing_compiled import trace_compiled_steps
 from budget_callback.models.gpt import GPT
 from budget_callback.snapshots.format import SnapshotLayout
+from helpers import LossOnly
 
 SHAPE = ModelShape(vocab_size=1000, d_model=64, n_layer=6, n_head=4, n_ctx=64)
 FIGURES = ("params_bytes", "gradients_bytes", "optimizer_state_bytes", "forward_peak_bytes", "backward_peak_bytes",
@@ -24,15 +25,6 @@ FIGURES = ("params_bytes", "gradients_bytes", "optimizer_state_bytes", "forward_
 
 def _loss(module, batch):
     return module(batch[0], batch[1])[1]
-
-
-class _LossOnly(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x, y):
-        return self.model(x, y)[1]
 
 
 def _traces(model, tracer, stack, sizes, autocast=None, batch=2, **kwargs):
@@ -65,7 +57,7 @@ def test_compiled_the_line_through_one_and_two_blocks_is_the_whole_model():
     one saves, plus what is outside the blocks; each half of each pass is on a line in the depth (the backward's
     peak moves from its start to its end as the stack deepens)."""
     model = GPT(SHAPE)
-    compiled = torch.compile(_LossOnly(model))
+    compiled = torch.compile(LossOnly(model))
     stack = find_stack(compiled)
     two, three, whole = _traces(compiled, trace_compiled_steps, stack, (2, 3), torch.bfloat16,
                                 loss=lambda m, b: m(b[0], b[1]))

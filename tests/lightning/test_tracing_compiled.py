@@ -16,7 +16,7 @@ from budget_callback.lightning.tracing_compiled import (CompiledTraceError, find
                                                         trace_compiled_training_step_memory)
 from budget_callback.models.gpt import GPT
 from budget_callback.lightning.torch_internals import compiled_trace_unsupported
-from helpers import LlamaLM, token_loader, trainer
+from helpers import LossOnly, LlamaLM, token_loader, trainer
 from step_probe import real_step_peak
 
 UNSUPPORTED = compiled_trace_unsupported()
@@ -126,17 +126,6 @@ def test_fit_with_an_untraceable_compiled_step_forecasts_eager_and_says_so(tmp_p
                for n in cb.forecast.notes)
 
 
-class _LossOnly(nn.Module):
-    """The whole step in one graph that returns the loss only (what a compiled ``training_step`` is)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x, y):
-        return self.model(x, y)[1]
-
-
 @needs_compiled_tracer
 @pytest.mark.parametrize("precision,batch,returns", [("bf16-mixed", 1, "loss"), ("bf16-mixed", 4, "loss"),
                                                      ("bf16-mixed", 4, "logits"), ("32-true", 2, "logits")])
@@ -151,7 +140,7 @@ def test_analytic_compiled_forecast_within_3_percent_of_the_compiled_trace(preci
     opt = torch.optim.AdamW(model.parameters(), fused=True)
     x = torch.randint(0, shape.vocab_size, (batch, shape.n_ctx))
     compiled, step = ((torch.compile(model), lambda m, b: m(b[0], b[1])[1]) if returns == "logits"
-                      else (torch.compile(_LossOnly(model)), lambda m, b: m(b[0], b[1])))
+                      else (torch.compile(LossOnly(model)), lambda m, b: m(b[0], b[1])))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = trace_compiled_training_step_memory(
