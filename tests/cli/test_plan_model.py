@@ -127,3 +127,41 @@ def test_readme_plan_model_output_is_current(capsys):
     main(["plan", "--model", "lightning.pytorch.demos:LightningTransformer", "--batch-size", "20", "--seq-len", "35",
           "--precision", "32-true", "--steps", "10000", "--memory-budget", "4GiB"])
     assert capsys.readouterr().out == shown
+
+
+HF_CONFIGS = {  # small configs of the Hugging Face models the callback was tried on (built from config, no weights)
+    "gpt2": {"model_type": "gpt2", "vocab_size": 512, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128},
+    "llama": {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+    "qwen2": {"model_type": "qwen2", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+    "gpt_neox": {"model_type": "gpt_neox", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+                 "num_hidden_layers": 2, "num_attention_heads": 4},
+}
+
+
+@pytest.mark.parametrize("name", list(HF_CONFIGS))
+def test_hf_config_plans_as_the_callback_forecasts_the_same_model(tmp_path, capsys, name):
+    """Where transformers is installed (it is optional): `plan --hf-config` is the fit-start forecast of a
+    LightningModule training that model on its own loss."""
+    transformers = pytest.importorskip("transformers", reason="--hf-config needs transformers (optional)")
+    import lightning as L
+
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(HF_CONFIGS[name]))
+    code, planned = _plan(capsys, "--hf-config", str(config_path), *RUN, "--optimizer-impl", "for-loop")
+
+    class Lit(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(
+                str(config_path)))
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch[0], labels=batch[1]).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), foreach=False)
+
+    fitted = _fit_forecast(tmp_path, Lit())
+    assert code == 0 and planned["memory"]["peak_bytes"] == fitted["memory"]["peak_bytes"]
