@@ -483,6 +483,8 @@ def run_case(name: str, out: Path, probe_from_start: bool = False) -> None:
                                and not isinstance(v, (bool, dict, list, str))}
             record["decision"] = str(getattr(f, "decision", None))
             record["notes"] = list(getattr(f, "notes", []) or [])
+            record["graph_breaks"] = [e for e in (getattr(cb, "events", None) or [])
+                                      if e.get("event") == "compiled_graph_breaks"]
             record["strategy"] = f.inputs.setup.strategy
             record["precision"] = f.inputs.setup.precision
     except BaseException as err:  # noqa: BLE001
@@ -616,6 +618,10 @@ def report(rows: list[dict], header: str, argv: list[str], probe_from_start: boo
             notes.append(f"known={r.get('known')}, basis: {r.get('basis')}")
         if r.get("decision"):
             notes.append(f"decision: {r['decision'][:120]}")
+        for gb in r.get("graph_breaks") or []:
+            notes.append(f"the callback said after step {gb.get('step')}: {gb.get('count')} dynamo graph break(s) "
+                         f"({'; '.join(str(x)[:60] for x in gb.get('reasons', [])[:2])}): the forecast traced one "
+                         "graph per compiled region")
         if r.get("other_ranks"):
             for o in r["other_ranks"]:
                 fo, ro = o.get("forecast_bytes"), o.get("real_bytes")
