@@ -37,16 +37,24 @@ LLAMA_3_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hid
               "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
 
 
+_RSS = "import resource, sys; print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)"
+
+
 def _run(args: list[str], cwd: str | None = None) -> dict:
-    """A subprocess, timed; its peak RSS and CPU seconds (the children's usage, before and after)."""
+    """A Python subprocess, timed; its own peak RSS (it reports ``ru_maxrss`` as it exits) and CPU seconds."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+    code = ("import atexit, runpy, sys; atexit.register(lambda: exec(" + repr(_RSS) + ")); "
+            f"sys.argv = {args[1:]!r}; runpy.run_path(sys.argv[0], run_name='__main__')"
+            if not args[1] == "-m" else
+            "import atexit, runpy, sys; atexit.register(lambda: exec(" + repr(_RSS) + ")); "
+            f"sys.argv = {[args[2], *args[3:]]!r}; runpy.run_module({args[2]!r}, run_name='__main__')")
+    proc = subprocess.run([args[0], "-c", code], cwd=cwd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    rss = next((int(line.split()[1]) * 1024 for line in proc.stderr.splitlines() if line.startswith("RSS ")), 0)
     return {"rc": proc.returncode, "wall": wall, "cpu": (after.ru_utime - before.ru_utime) +
-            (after.ru_stime - before.ru_stime), "rss_bytes": after.ru_maxrss * 1024, "out": proc.stdout,
-            "err": proc.stderr}
+            (after.ru_stime - before.ru_stime), "rss_bytes": rss, "out": proc.stdout, "err": proc.stderr}
 
 
 def child_measure(compiled: bool, extrapolate: bool) -> None:
