@@ -243,12 +243,22 @@ def _plan_model(args: argparse.Namespace, parser: argparse.ArgumentParser):
         inputs = _inputs(args, stand_in, compile_modelled=False)
         planned = build_model(args)
         measured, shape, notes = measure_planned(planned, inputs)
-        inputs = replace(inputs, shape=shape)
+        inputs = replace(inputs, shape=shape, setup=_optimizer_of(planned, inputs))
     except ModelError as err:
         parser.error(str(err))
     except ValueError as err:
         parser.error(_flag_message(err))
     return forecast(inputs, measured), [f"model: {planned.description}", *notes]
+
+
+def _optimizer_of(planned, inputs: PlanInputs) -> TrainSetup:
+    """The setup with the optimizer the model configures (``--optimizer`` only where none was configured)."""
+    from dataclasses import replace
+
+    from ..lightning.inputs import describe_optimizer
+
+    name, momentum, impl = describe_optimizer(planned.optimizers[0], inputs.gpu is not None)
+    return replace(inputs.setup, optimizer=name, momentum=momentum, optimizer_impl=impl)
 
 
 def _inputs(args: argparse.Namespace, shape: ModelShape, compile_modelled: bool = True) -> PlanInputs:

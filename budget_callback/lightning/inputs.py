@@ -115,6 +115,11 @@ def optimizer_settings(trainer: pl.Trainer, on_cuda: bool) -> tuple[str, float, 
     if not trainer.optimizers:
         return "sgd", 0.0, "for-loop", None
     opt = trainer.optimizers[0]
+    return (*describe_optimizer(opt, on_cuda), opt)
+
+
+def describe_optimizer(opt: torch.optim.Optimizer, on_cuda: bool) -> tuple[str, float, str]:
+    """(name for the forecast, momentum, implementation) of one optimizer."""
     kind = type(opt).__name__.lower()
     defaults = opt.defaults
     if kind in ("adamw", "adam"):
@@ -129,7 +134,7 @@ def optimizer_settings(trainer: pl.Trainer, on_cuda: bool) -> tuple[str, float, 
         impl = "foreach"
     else:
         impl = "for-loop"
-    return name, momentum, impl, opt
+    return name, momentum, impl
 
 
 def batch_dims(batch) -> tuple[int, int] | None:

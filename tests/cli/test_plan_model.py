@@ -53,6 +53,8 @@ def test_plan_model_is_the_callbacks_own_forecast_of_the_same_run(tmp_path, caps
     assert planned["memory"]["activations_method"] == fitted["memory"]["activations_method"]
     assert planned["params"]["total"] == fitted["params"]["total"]
     assert planned["storage"]["snapshot_bytes"] == fitted["storage"]["snapshot_bytes"]
+    for key in ("optimizer", "momentum"):  # the optimizer the model configures, not --optimizer's default
+        assert planned["run"][key] == fitted["run"][key], key
     assert any(n == f"model: --model plan_models:{name}" for n in planned["notes"])
 
 
