@@ -31,7 +31,6 @@ NAMES = ("unembedding", "embedding")
 MANIFEST = "manifest.json"
 LOCK_FILE = ".budget-callback.lock"
 TMP_MARK = ".tmp-"  # our temporaries: ".<final name>.tmp-<pid>"
-_NAME_RE = re.compile(r"^step_(\d{9,})\.safetensors$")
 _SAFETENSORS_TMP_RE = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")  # safetensors' own (Rust tempfile) temporary
 
 
@@ -41,9 +40,13 @@ def snapshot_name(first_step: int) -> str:
 
 
 def step_of_name(name: str) -> int | None:
-    """The first step a snapshot file name stands for; None for any other name."""
-    match = _NAME_RE.match(name)
-    return int(match.group(1)) if match else None
+    """The first step a snapshot file name (``step_`` and 9 or more decimal digits, ``.safetensors``) stands
+    for; None for any other name. (String tests, not a regular expression: a scan calls this once per file.)"""
+    if name.startswith("step_") and name.endswith(".safetensors"):
+        digits = name[5:-12]
+        if len(digits) >= 9 and digits.isdecimal():
+            return int(digits)
+    return None
 
 
 def is_temporary(name: str) -> bool:

@@ -147,6 +147,23 @@ def read_into(fd: int, buffers, offset: int) -> int:
     return done
 
 
+def read_at(fd: int, nbytes: int, offset: int) -> bytes:
+    """Up to ``nbytes`` bytes of ``fd`` from ``offset`` (fewer at the end of the file): ``pread``, else
+    ``lseek`` + ``read`` (the caller must not share ``fd`` between threads then)."""
+    pread = getattr(os, "pread", None)
+    if pread is not None:
+        return pread(fd, nbytes, offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    parts, got = [], 0
+    while got < nbytes:
+        data = os.read(fd, nbytes - got)
+        if not data:
+            break
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)
+
+
 def iov_max() -> int:
     """Buffers one ``preadv`` takes at most (1,024 where ``sysconf`` cannot say)."""
     try:
