@@ -31,9 +31,7 @@ import argparse
 import gc
 import json
 import os
-import queue
 import random
-import shutil
 import struct
 import sys
 import time
@@ -44,14 +42,10 @@ import torch
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import log, median, table, tmp_dir, verdict, write_section  # noqa: E402
+from common import (conditions, log, median, reader_base, table, tmp_dir, verdict, warm_all,  # noqa: E402
+                    write_reader_data, write_section)
 
-from budget_callback.snapshots.format import SnapshotLayout  # noqa: E402
-from budget_callback.snapshots.image import FileImage  # noqa: E402
 from budget_callback.snapshots.reader import SnapshotReader  # noqa: E402
-from budget_callback.snapshots.schedule import Schedule  # noqa: E402
-from budget_callback.snapshots.series import Series  # noqa: E402
-from budget_callback.snapshots.writer import SnapshotWriter  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -59,16 +53,6 @@ SCRIPT = "python benchmarks/reader_scale.py"
 D = 64
 PRODUCT, LIMIT, NAIVE = "product", "limit", "naive"
 ROWS_K = (10, 40, 100, 156, 400)
-
-
-def conditions() -> str:
-    load = " ".join(open("/proc/loadavg").read().split()[:3])
-    try:
-        fields = dict(kv.split("=") for kv in open("/proc/pressure/io").read().split("\n")[0].split()[1:])
-        io = f"{fields['avg10']}% / {fields['avg60']}% (avg10 / avg60)"
-    except OSError:
-        io = "n/a"
-    return f"load average {load}; I/O pressure {io}"
 
 
 def rss_bytes() -> int:
@@ -79,50 +63,13 @@ def rss_bytes() -> int:
 
 
 def pattern(V: int, step: int) -> torch.Tensor:
-    base = torch.arange(V, dtype=torch.int32)[:, None] * 7 + torch.arange(D, dtype=torch.int32)[None, :]
-    return ((base + 31 * step) % 32749).to(torch.int16)
+    return ((reader_base(V, D) + 31 * step) % 32749).to(torch.int16)
 
 
 def make_data(d: Path, V: int, S: int, fresh: bool) -> str:
-    """S snapshots of V x 64 bf16 written by the product's writer (fsync off, then one sync), kept between runs;
-    the same layout and values as snapshot_io.py's reader data."""
-    spec = {"V": V, "D": D, "K": 1, "S": S, "pattern": "(7*token + d + 31*step) % 32749 as int16"}
-    marker = d.parent / f"{d.name}.json"
-    if not fresh and marker.exists() and json.loads(marker.read_text()) == spec and d.is_dir():
-        return "reused from an earlier run (`--fresh-data` rewrites it)"
-    free = shutil.disk_usage(d.parent).free
-    need = S * (V * D * 2 + 4096)
-    if need > free * 0.8:
-        raise SystemExit(f"{need / 1e9:.1f} GB of snapshots do not fit the {free / 1e9:.1f} GB free under {d.parent}: "
-                         "use --snapshots or --vocab to make a smaller series")
-    marker.unlink(missing_ok=True)
-    shutil.rmtree(d, ignore_errors=True)
-    d.mkdir(parents=True)
-    t0 = time.perf_counter()
-    layout = SnapshotLayout(V, D, "bfloat16", 1)
-    series = Series(d, layout, "bench-reader", Schedule.start(layout, 1), fsync=False)
-    series.write_manifest()
-    w = SnapshotWriter(series)
-    w.start()
-    free_images: queue.Queue = queue.Queue()
-    for _ in range(8):
-        free_images.put(FileImage(layout))
-    for step in range(1, S + 1):
-        p = series.place(step)
-        image = free_images.get()
-        image.prepare(p.step, p.every)["unembedding"].view(torch.int16).copy_(pattern(V, step))
-        w.submit(p, image, release=lambda image=image: free_images.put(image))
-    w.close()
-    os.sync()
-    marker.write_text(json.dumps(spec))
-    return f"written by SnapshotWriter (fsync off, then one sync) in {time.perf_counter() - t0:.0f} s"
-
-
-def warm_all(files) -> None:
-    for p in files:
-        with open(p, "rb") as fh:
-            while fh.read(8 << 20):
-                pass
+    """S snapshots of V x 64 bf16 written by the product's writer, kept between runs: snapshot_io.py's reader
+    data (the same series when V is 10,000)."""
+    return write_reader_data(d, V, D, 1, S, fresh)
 
 
 class Bare:
