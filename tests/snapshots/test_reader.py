@@ -116,6 +116,7 @@ def test_rows_by_either_strategy_equal_the_matrices(tmp_path, monkeypatch, dtype
     monkeypatch.setattr(reader_module, "_ROW_COST_BYTES" if strategy == "whole" else "_GATHER_ROW_BYTES", 1 << 40)
     monkeypatch.setattr(reader_module, "_STAGE_STEPS", 5)
     monkeypatch.setattr(reader_module, "_CALL_ELEMENTS", 7)  # a pass's rows in several calls, a block's too
+    monkeypatch.setattr(reader_module, "_PREFAULT_BYTES", 0)  # the result's pages faulted in by another thread
     dense = []
     real = SnapshotReader._rows_dense
     monkeypatch.setattr(SnapshotReader, "_rows_dense", lambda self, *a: dense.append(1) or real(self, *a))
@@ -128,6 +129,42 @@ def test_rows_by_either_strategy_equal_the_matrices(tmp_path, monkeypatch, dtype
         monkeypatch.setattr(reader_module, "_CALL_ELEMENTS", 1 << 20)  # a pass's rows in one call
         assert torch.equal(r.rows(tokens, chunk_bytes=chunk), want)
     assert len(dense) == (2 if strategy == "whole" else 0)
+
+
+def test_a_large_result_is_faulted_in_by_another_thread_meanwhile(monkeypatch, io_platform):
+    """rows() hands its result's page faults to another thread (MADV_POPULATE_WRITE, a few pages at a time) while
+    it reads; what the reads write stays; a small result, or a platform without the call, goes without. (The body
+    here waits for the thread, event-driven, so that every call is seen.)"""
+    import threading
+
+    from budget_callback.snapshots import osio
+
+    calls, done, real = [], threading.Event(), osio.populate_write
+
+    def spy(address, nbytes):
+        calls.append((address, nbytes))
+        ok = real(address, nbytes)
+        if not ok or address + nbytes == end:
+            done.set()
+        return ok
+
+    monkeypatch.setattr(osio, "populate_write", spy)
+    monkeypatch.setattr(reader_module, "_PREFAULT_BYTES", 1 << 20)
+    monkeypatch.setattr(reader_module, "_PREFAULT_CHUNK", 64 << 10)
+    small = torch.empty((1 << 20) - 1, dtype=torch.uint8)
+    with reader_module._prefaulted(small):
+        small.fill_(3)
+    assert calls == [] and bool(small.eq(3).all())
+    big = torch.empty(1 << 20, dtype=torch.uint8)
+    start, end = -(-big.data_ptr() // 4096) * 4096, (big.data_ptr() + (1 << 20)) // 4096 * 4096
+    with reader_module._prefaulted(big):
+        big.fill_(7)
+        assert done.wait(60)
+    assert bool(big.eq(7).all())
+    if io_platform == "windows":  # no libc: the first call says so, and the thread stops
+        assert calls == [(start, 64 << 10)]
+    else:  # every whole page of the tensor, in order, 64 KiB at a time
+        assert calls == [(at, min(64 << 10, end - at)) for at in range(start, end, 64 << 10)]
 
 
 def test_cold_reads_after_the_page_cache_is_dropped(snapshots):
