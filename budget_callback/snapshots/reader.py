@@ -43,8 +43,8 @@ with ``pread`` (or ``lseek`` + ``read``) in one pass, maps nothing, and takes it
 
 Bounded resources, so a series of any length opens under any ``ulimit -n``: at most
 ``min(16,384, soft RLIMIT_NOFILE // 4)`` files (128 where the limit cannot be read) are open at once (the
-first ones opened, and one slot the others take turns in: a longer series opens each of those again, ~5 us,
-once per read pass) and at most ``min(16,384, vm.max_map_count // 4)`` files are mapped (the first ones; later files are read
+first ones opened, and one slot the others take turns in: a longer series opens each of those again,
+~5 us, once per read pass) and at most ``min(16,384, vm.max_map_count // 4)`` files are mapped (the first ones; later files are read
 with ``preadv``). The mappings are made with libc's ``mmap`` and outlive the file descriptor
 (``mmap.mmap`` keeps a duplicate descriptor per mapping before Python 3.13), so a warm trajectory of
 a long series needs no open file. The process's limits are never changed.
@@ -627,26 +627,33 @@ class SnapshotReader:
         """Rows of several tokens at every step, ``(len(token_ids), len(steps), D)``; ``token_ids``: a 1-D
         integer tensor or array, or a sequence of ints. Per step, either the tokens' rows are read (tokens within
         ``gap_bytes`` of each other by one read), or the whole matrix is read (``chunk_bytes`` of matrices at a
-        time) and the rows gathered from it: whichever costs less for these tokens (see ``_ROW_COST_BYTES``)."""
+        time) and the rows gathered from it: whichever costs less for these tokens (see ``_ROW_COST_BYTES``).
+        Either way the rows go straight to their places in the result, in the order asked (a token asked twice
+        is read once)."""
         tokens = self._tokens(token_ids)
         index, S, D = self._index(name), len(self.steps), self.hidden_dim
-        uniq = sorted(set(tokens))
-        res = torch.empty((len(uniq), S, D), dtype=self.dtype)
-        if uniq and S:
-            segments = self._segments(uniq, gap_bytes)
-            with self._lock, _prefaulted(res):
-                if self._dense_costs_less(uniq, segments):
-                    self._rows_dense(index, uniq, res, chunk_bytes)
-                else:
-                    positions = range(S)
-                    if self._maps and self._warm.get(name) and self._mapping is not None:
-                        positions = self._rows_mapped(name, index, uniq, res)
-                    if positions:
-                        self._warm[name] = self._rows_sparse(index, uniq, segments, res, positions) == 0
-        if tokens == uniq:
+        res = torch.empty((len(tokens), S, D), dtype=self.dtype)
+        if not tokens or not S:
             return res
-        pos = {t: i for i, t in enumerate(uniq)}
-        return res[[pos[t] for t in tokens]]
+        first: dict[int, int] = {}  # token -> the first row of the result that holds it
+        for i, t in enumerate(tokens):
+            first.setdefault(t, i)
+        uniq = sorted(first)
+        segments = self._segments(uniq, gap_bytes)
+        with self._lock, _prefaulted(res):
+            if self._dense_costs_less(uniq, segments):
+                self._rows_dense(index, tokens, res, chunk_bytes)
+                return res
+            at = [first[t] for t in uniq]  # the result's row of each distinct token, in token order
+            positions = range(S)
+            if self._maps and self._warm.get(name) and self._mapping is not None:
+                positions = self._rows_mapped(name, index, uniq, at, res)
+            if positions:
+                self._warm[name] = self._rows_sparse(index, uniq, at, segments, res, positions) == 0
+            for i, t in enumerate(tokens):
+                if first[t] != i:  # asked again: the rows read for its first place
+                    res[i].copy_(res[first[t]])
+        return res
 
     def _segments(self, uniq: list[int], gap_bytes: int) -> list[list[int]]:
         """Runs of positions in ``uniq`` read by one ``preadv`` each: tokens within ``gap_bytes`` of each other,
@@ -668,9 +675,10 @@ class SnapshotReader:
                    for g in segments)
         return runs >= self.matrix_bytes + len(uniq) * _GATHER_ROW_BYTES
 
-    def _rows_mapped(self, name: str, index: _Index, uniq: list[int], res: torch.Tensor) -> list[int]:
-        """The rows at the positions whose files are mapped, out of the maps, one file after the other; the
-        positions left to read with preadv."""
+    def _rows_mapped(self, name: str, index: _Index, uniq: list[int], at: list[int],
+                     res: torch.Tensor) -> list[int]:
+        """The rows of tokens ``uniq`` (into the result's rows ``at``) at the positions whose files are mapped, out
+        of the maps, one file after the other; the positions left to read with preadv."""
         positions, bases, others = self._mapped(name, index)
         if not positions:
             return others
@@ -679,22 +687,24 @@ class SnapshotReader:
         remote[:, :, 0] = bases[:, None] + torch.tensor(uniq, dtype=torch.int64)[None, :] * rb
         remote[:, :, 1] = rb
         local = torch.empty((M, U, 2), dtype=torch.int64)  # into res (U, S, D)
-        local[:, :, 0] = res.data_ptr() + (torch.arange(U, dtype=torch.int64)[None, :] * S +
+        local[:, :, 0] = res.data_ptr() + (torch.tensor(at, dtype=torch.int64)[None, :] * S +
                                            torch.tensor(positions, dtype=torch.int64)[:, None]) * rb
         local[:, :, 1] = rb
         done = self._copy_mapped(local.view(-1, 2), remote.view(-1, 2), rb) // U
         return sorted(others + positions[done:]) if done < M else others
 
-    def _rows_sparse(self, index: _Index, uniq: list[int], segments: list[list[int]], res: torch.Tensor,
-                     positions) -> int:
-        """The rows at ``positions``, one ``preadv`` per run of ``segments`` (the bytes between its tokens go to
-        a scratch buffer); the number of reads that were not cached."""
+    def _rows_sparse(self, index: _Index, uniq: list[int], at: list[int], segments: list[list[int]],
+                     res: torch.Tensor, positions) -> int:
+        """The rows of tokens ``uniq`` (into the result's rows ``at``) at ``positions``, one ``preadv`` per run of
+        ``segments`` (the bytes between its tokens go to a scratch buffer); the number of reads that were not
+        cached."""
         S, rb = res.shape[1], self.row_bytes
         widest = max([(uniq[g[k + 1]] - uniq[g[k]] - 1) * rb for g in segments for k in range(len(g) - 1)] or [0])
         scratch, mv, stride = memoryview(bytearray(max(widest, 1))), _writable(res), S * rb
-        singles = [(uniq[g[0]] * rb, g[0] * stride) for g in segments if len(g) == 1]
-        groups = [(uniq[g[0]] * rb, [(g[0] * stride, 0)] + [(p * stride, (uniq[p] - uniq[q] - 1) * rb)
-                                                            for q, p in zip(g, g[1:])], (uniq[g[-1]] - uniq[g[0]] + 1) * rb)
+        singles = [(uniq[g[0]] * rb, at[g[0]] * stride) for g in segments if len(g) == 1]
+        groups = [(uniq[g[0]] * rb, [(at[g[0]] * stride, 0)] + [(at[p] * stride, (uniq[p] - uniq[q] - 1) * rb)
+                                                                for q, p in zip(g, g[1:])],
+                   (uniq[g[-1]] - uniq[g[0]] + 1) * rb)
                   for g in segments if len(g) > 1]
         where = index.items
 
@@ -715,22 +725,22 @@ class SnapshotReader:
                     yield number, base + lead, buffers, span
         return self._read(items(), 0)
 
-    def _rows_dense(self, index: _Index, uniq: list[int], res: torch.Tensor, chunk_bytes: int) -> None:
+    def _rows_dense(self, index: _Index, tokens: list[int], res: torch.Tensor, chunk_bytes: int) -> None:
         """Whole matrices, ``chunk_bytes`` of them at a time (one ``preadv`` each); their rows gathered while they
         are in the CPU's cache into a block of steps, and the block written into ``res`` a few tokens at a time,
         each token's rows of the block one contiguous run: the ``(T, S, D)`` result is written in runs, not row by
         row at a stride of ``S * D`` (3-4x less per row). Rows move as 8-byte elements where they can, and every
         gather and copy call moves under ``_CALL_ELEMENTS``, so that torch keeps it on the calling thread
         (splitting it across threads costs more than such a copy when other work keeps the cores busy) at a few
-        calls per chunk of steps."""
-        S, (V, D), mb, U = res.shape[1], self.shape, self.matrix_bytes, len(uniq)
+        calls per chunk of steps. ``tokens`` in the result's order, as asked (repeats gathered again)."""
+        S, (V, D), mb, U = res.shape[1], self.shape, self.matrix_bytes, len(tokens)
         C = max(1, min(S, chunk_bytes // max(mb, 1)))  # matrices read per pass
         B = C * max(1, min(S, _STAGE_STEPS, _STAGE_BYTES // max(U * self.row_bytes, 1)) // C)  # steps per block
         whole, stage = torch.empty((C, V, D), dtype=self.dtype), torch.empty((B, U, D), dtype=self.dtype)
         wide = torch.int64 if self.row_bytes % 8 == 0 else self.dtype  # 8 bytes per element: fewer, same bytes
         out, staged, matrices = res.view(wide), stage.view(wide), whole.view(wide)
         W = staged.shape[2]  # elements per row
-        picked = torch.tensor(uniq, dtype=torch.long)
+        picked = torch.tensor(tokens, dtype=torch.long)
         if C * U * W <= _CALL_ELEMENTS:  # a pass's rows in one call
             gathers = None
         else:
