@@ -571,9 +571,11 @@ GRAPH_BREAK_MISSES = (
     "graphs, 1 break), and the real step runs two graphs with eager code between them; the tracer compiles each "
     "region as one graph (what `fullgraph=True` accepts), so it saves less for the backward than the real run. The "
     "callback says so after the first compiled step (`compiled_graph_breaks`, the note above). Running dynamo "
-    "itself inside the trace was tried (2026-12-07, a prototype, not shipped): the real run after it trained as "
-    "eager (330.24 MiB, forecast and real alike; the cause, dynamo state the trace left behind, was not traced "
-    "further): the trace changed the run it guards, which a memory guard must never do.")
+    "inside the trace was tried (2026-12-07, a prototype, not shipped): dynamo does not trace while a non-infra "
+    "TorchDispatchMode is on the stack (torch/_dynamo/convert_frame.py: \"non-infra torch dispatch mode present, "
+    "this is not supported today in torch.compile\"; the tracer's allocation tracker is one), so the step ran "
+    "eagerly, and dynamo's skip of that frame outlived the trace: the real run then trained eagerly too (330.24 "
+    "MiB, forecast and real alike). The trace changed the run it guards; a memory guard must never do that.")
 
 
 def report(rows: list[dict], header: str, argv: list[str], probe_from_start: bool = False) -> str:
