@@ -566,10 +566,22 @@ def mib(n) -> str:
     return "—" if n is None else f"{n / 2**20:,.2f}"
 
 
+GRAPH_BREAK_MISSES = (
+    "Why {cases} err low: dynamo splits HF GPT-2's compiled step at a graph break (`torch._dynamo.explain`: 2 "
+    "graphs, 1 break), and the real step runs two graphs with eager code between them; the tracer compiles each "
+    "region as one graph (what `fullgraph=True` accepts), so it saves less for the backward than the real run. The "
+    "callback says so after the first compiled step (`compiled_graph_breaks`, the note above). Running dynamo "
+    "inside the trace was tried (2026-12-07, a prototype, not shipped): dynamo does not trace while a non-infra "
+    "TorchDispatchMode is on the stack (torch/_dynamo/convert_frame.py: \"non-infra torch dispatch mode present, "
+    "this is not supported today in torch.compile\"; the tracer's allocation tracker is one), so the step ran "
+    "eagerly, and dynamo's skip of that frame outlived the trace: the real run then trained eagerly too (330.24 "
+    "MiB, forecast and real alike). The trace changed the run it guards; a memory guard must never do that.")
+
+
 def report(rows: list[dict], header: str, argv: list[str], probe_from_start: bool = False) -> str:
     command = " ".join([COMMAND] + argv)
     lines = [
-        "## Issue 15: the fit-start memory forecast against the real step (models nobody here wrote)",
+        "## 6. Issue 15: the fit-start memory forecast against the real step (models nobody here wrote)",
         "",
         header,
         "",
@@ -640,6 +652,9 @@ def report(rows: list[dict], header: str, argv: list[str], probe_from_start: boo
             tb = (r.get("traceback") or r.get("stderr_tail") or "").strip().splitlines()[-12:]
             d.append("  - failure:\n\n    ```\n" + "\n".join("    " + x for x in tb) + "\n    ```")
         details.append("\n".join(d))
+    broken = [r["case"] for r in rows if r.get("graph_breaks")]
+    if broken:
+        lines += ["", GRAPH_BREAK_MISSES.format(cases=", ".join(f"`{c}`" for c in broken))]
     lines += ["", "Per case (the forecast's parts and notes as the callback reports them):", ""] + details
     return "\n".join(lines) + "\n"
 

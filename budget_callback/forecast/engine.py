@@ -267,6 +267,8 @@ def forecast(inputs: PlanInputs, measured: Measured | None = None, free_disk_byt
         mem["activations_method"] = measured.method
         mem["max_batch_size"] = mem["min_devices"] = None
         mem["limits_known"] = measured.trace is not None
+        # False: a compiled step at fit start, traced at its own micro-batch only (no slope)
+        mem["largest_traced"] = measured.trace_per_sample is not None or measured.mode != "compiled"
         if measured.trace is not None:
             mem["trace"] = {k: v for k, v in measured.trace.items() if isinstance(v, int)}
             mem["trace_per_sample"] = measured.trace_per_sample

@@ -70,7 +70,10 @@ def render(f: Forecast) -> str:
     elif m.get("budget_bytes"):
         largest = m["max_batch_size"]
         largest = "none" if largest is None else (f"{largest:,}+" if largest >= 1 << 20 else f"{largest:,}")
-        out.append(f"  memory budget {format_bytes(m['budget_bytes'])}: largest micro-batch that fits {largest}, "
+        largest = f"largest micro-batch that fits {largest}" if m.get("largest_traced", True) else (
+            "largest micro-batch not traced at fit start (a compiled step's slope costs two more compiles; "
+            "`budget-callback plan --model ... --compile` gives it)")
+        out.append(f"  memory budget {format_bytes(m['budget_bytes'])}: {largest}, "
                    f"fewest devices {m['min_devices'] if m['min_devices'] is not None else 'none under ' + setup.strategy}")
     out.append("")
     fl = f.flops

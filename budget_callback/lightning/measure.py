@@ -8,8 +8,9 @@ Used by the fit start (:mod:`.planning`, with what the Trainer says) and by ``bu
   fewest devices). A module with a deep stack of identical blocks (:mod:`.blocks`) is traced cut to one, two
   and three blocks and extrapolated, checked to be on one line (else traced whole): the cost of a trace no
   longer grows with the depth.
-* A compiled module is traced compiled; a compiled step that cannot be traced is traced eagerly (more memory)
-  and the notes say why.
+* A compiled module is traced compiled (each micro-batch compiles anew: the fit start traces the run's own
+  only, and the slope where the memory budget fails); a compiled step that cannot be traced is traced eagerly
+  (more memory) and the notes say why.
 * A step that cannot be traced at all is estimated from the blocks found in the module; only when there are
   none is its memory ``unknown``: never model states alone said to fit.
 """
@@ -60,6 +61,9 @@ class StepContext:
     sharded: ShardedModel | None = None  # FSDP2: this device's shards and the units gathered
     loss_fn: Any = None  # loss_fn(module, batch); None: ``module.training_step(batch, 0)``
     extrapolate: bool = True  # cut a deep stack of identical blocks (else always the whole model)
+    # a compiled step traced at two more micro-batches for its per-sample slope (the largest micro-batch that
+    # fits): two more compiles each; the fit start asks for it only when the memory budget fails
+    compiled_slope: bool = True
 
 
 @dataclass
@@ -204,7 +208,8 @@ def _trace(module: nn.Module, batch: Any, ctx: StepContext, regions: list | None
 
     A compiled module (``regions``) is traced compiled (:mod:`.tracing_compiled`). Its peak is affine in the
     micro-batch only from 3 on (the partitioner saves other tensors below), so the slope comes from two traces
-    at 3 or more (the run's B and B + 4, or 4 and 8) and the run's own B is traced as it is. A compiled step
+    at 3 or more (the run's B and B + 4, or 4 and 8) and the run's own B is traced as it is; without
+    ``ctx.compiled_slope`` (the fit start, unless the memory budget fails) only the run's own B. A compiled step
     that cannot be traced is traced eagerly (``eager=False``: left to the analytic forecast, which is eager),
     which forecasts more memory, and the notes say so."""
     setup, capture, sharded = ctx.setup, ctx.capture_bytes, ctx.sharded
@@ -213,15 +218,16 @@ def _trace(module: nn.Module, batch: Any, ctx: StepContext, regions: list | None
     B = setup.micro_batch_size
     if regions:
         try:
-            at = (B, B + 4) if B >= 3 else (4, 8)
+            at = ((B, B + 4) if B >= 3 else (4, 8)) if ctx.compiled_slope else (B,)
             sizes = [B] + [b for b in at if b != B]
             traces = dict(zip(sizes, trace([batch if b == B else resize_batch(batch, B, b) for b in sizes], True)))
-            first = traces[B]
-            per_sample = {k: (v - traces[at[0]][k]) // (at[1] - at[0]) for k, v in traces[at[1]].items()
-                          if isinstance(v, int)}
+            first, per_sample, anchor = traces[B], None, None
+            if ctx.compiled_slope:
+                per_sample = {k: (v - traces[at[0]][k]) // (at[1] - at[0]) for k, v in traces[at[1]].items()
+                              if isinstance(v, int)}
+                anchor = None if at[0] == B else (at[0], traces[at[0]])
             return _Traced(peak_memory_from_trace(first, setup, capture, sharded), first["train_flops"] // max(1, B),
-                           trace.method(COMPILED_METHOD), first, per_sample,
-                           None if at[0] == B else (at[0], traces[at[0]]), "compiled",
+                           trace.method(COMPILED_METHOD), first, per_sample, anchor, "compiled",
                            notes + [_compiled_note(regions)])
         except Exception as err:  # noqa: BLE001 - said in the report; the eager trace is the safe side
             notes.append(f"compiled step could not be traced ({type(err).__name__}: {str(err)[:200]}): "

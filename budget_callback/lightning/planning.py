@@ -89,9 +89,13 @@ def plan_fit(trainer: pl.Trainer, module: pl.LightningModule, config: BudgetConf
     ctx = StepContext(setup, layout, order,
                       list(trainer.optimizers) if order.manual else (trainer.optimizers[:1] or None), on_accelerator,
                       facts.capture_device_bytes, _own_parameters(module, sources),
-                      sharded_model(module, setup.world_size))
+                      sharded_model(module, setup.world_size), compiled_slope=False)
     measured, notes = measure_module(module, batch, ctx, declared)
     result = forecast(inputs, measured, free_disk_bytes=free_disk_bytes)
+    if measured.mode == "compiled" and measured.trace_per_sample is None and result.verdicts["memory"].exceeds:
+        # the advice needs the largest micro-batch that fits: worth two more compiles on a run that stops here
+        measured, notes = measure_module(module, batch, replace(ctx, compiled_slope=True), declared)
+        result = forecast(inputs, measured, free_disk_bytes=free_disk_bytes)
     if config.verbose:  # the report W&B will capture is this forecast's own: count its real length
         exact = replace(console, report_chars=len(REPORT_TITLE) + 1 + len(render(result)))
         inputs = replace(inputs, logging=replace(inputs.logging, console=exact))

@@ -8,7 +8,8 @@ import torch
 from lightning.pytorch.utilities.compile import from_compiled
 from torch import nn
 
-from budget_callback import BudgetCallback
+from budget_callback import BudgetCallback, BudgetExceededError
+from budget_callback.forecast.report import render
 from budget_callback.forecast.memory import TrainSetup, memory_phases, peak_memory_from_trace
 from budget_callback.forecast.shapes import ModelShape
 from budget_callback.lightning.tracing import trace_training_step_memory
@@ -90,8 +91,9 @@ def test_a_backend_it_cannot_trace_is_named():
 
 @needs_compiled_tracer
 def test_fit_forecasts_the_compiled_step(tmp_path):
-    """trainer.fit on a compiled module: the fit-start forecast is the compiled partition's, with the largest
-    micro-batch and fewest devices; the real compiled run trains and snapshots as usual."""
+    """trainer.fit on a compiled module: the fit-start forecast is the compiled partition's at the run's own
+    micro-batch, with the fewest devices (the largest micro-batch would cost two more compiles: left to `plan`
+    unless the budget fails, below); the real compiled run trains and snapshots as usual."""
     torch.manual_seed(0)
     model = LlamaLM(vocab=256, d=64, layers=2)
     model.compile()
@@ -108,10 +110,30 @@ def test_fit_forecasts_the_compiled_step(tmp_path):
     setup = cb.forecast.inputs.setup
     assert m["peak_bytes"] == peak_memory_from_trace(compiled, setup)["peak_bytes"]
     assert m["peak_bytes"] < peak_memory_from_trace(eager, setup)["peak_bytes"]
-    assert m["max_batch_size"] > 4 and m["min_devices"] == 1
+    assert m["max_batch_size"] is None and m["largest_traced"] is False and m["min_devices"] == 1
+    assert "largest micro-batch not traced at fit start" in render(cb.forecast)
     assert any("forecast as compiled (inductor)" in n for n in cb.forecast.notes)
     assert not any(e["event"] == "compiled_graph_breaks" for e in cb.events)  # one graph, as traced
     assert cb.bytes_written == cb.projected_bytes == sum(f.stat().st_size for f in (tmp_path / "s").glob("*.safetensors")) > 0
+
+
+@needs_compiled_tracer
+def test_a_compiled_run_over_its_memory_budget_is_told_the_largest_micro_batch_that_fits(tmp_path):
+    """Where the memory budget fails the slope is traced after all: a budget one byte under the run's own
+    forecast (micro-batch 4) aborts naming micro-batch 3, before anything is written."""
+    def fit(budget, where):
+        torch.manual_seed(0)
+        model = LlamaLM(vocab=256, d=64, layers=2)
+        model.compile()
+        cb = BudgetCallback(tmp_path / where, snapshot_dtype="float32", verbose=False, memory_budget=budget)
+        trainer(tmp_path / where, [cb], max_steps=1).fit(model, token_loader(vocab=256, seq=64, batch=4))
+        return cb
+
+    fits = fit("1GiB", "fits").forecast.memory
+    assert fits["largest_traced"] is False
+    with pytest.raises(BudgetExceededError, match="largest micro-batch that fits: 3"):
+        fit(f"{fits['peak_bytes'] - 1}B", "over")
+    assert not list((tmp_path / "over").glob("**/*.safetensors"))
 
 
 @needs_compiled_tracer
