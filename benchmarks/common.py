@@ -62,6 +62,83 @@ def timed_writer(directory: Path, layout, tensor, n: int):
     return seconds, series.bytes_written
 
 
+def conditions() -> str:
+    """The machine's load and I/O pressure now (Linux; "n/a" where /proc/pressure is missing)."""
+    load = " ".join(open("/proc/loadavg").read().split()[:3])
+    try:
+        fields = dict(kv.split("=") for kv in open("/proc/pressure/io").read().split("\n")[0].split()[1:])
+        io = f"{fields['avg10']}% / {fields['avg60']}% (avg10 / avg60)"
+    except OSError:
+        io = "n/a"
+    return f"load average {load}; I/O pressure {io}"
+
+
+def warm_all(files) -> None:
+    """Read every file once, so that it is in the page cache."""
+    for p in files:
+        with open(p, "rb") as fh:
+            while fh.read(8 << 20):
+                pass
+
+
+READER_PATTERN = "(7*token + d + 31*step) % 32749 as int16"
+
+
+def reader_base(V: int, D: int):
+    """``7 * token + d``, (V, D) int32: the reader benchmarks' matrix at step s is ``(base + 31 s) % 32749``."""
+    import torch
+
+    return torch.arange(V, dtype=torch.int32)[:, None] * 7 + torch.arange(D, dtype=torch.int32)[None, :]
+
+
+def write_reader_data(d: Path, V: int, D: int, K: int, S: int, fresh: bool) -> str:
+    """S snapshots of V x D bf16 (``READER_PATTERN``), K per file, written into ``d`` by the product's writer
+    (fsync off, then one sync) and kept between runs of any benchmark that asks for the same series."""
+    import json
+    import queue
+    import shutil
+
+    import torch
+
+    from budget_callback.snapshots.format import SnapshotLayout
+    from budget_callback.snapshots.image import FileImage
+    from budget_callback.snapshots.schedule import Schedule
+    from budget_callback.snapshots.series import Series
+    from budget_callback.snapshots.writer import SnapshotWriter
+
+    spec = {"V": V, "D": D, "K": K, "S": S, "pattern": READER_PATTERN}
+    marker = d.parent / f"{d.name}.json"
+    if not fresh and marker.exists() and json.loads(marker.read_text()) == spec and d.is_dir():
+        return "reused from an earlier run (`--fresh-data` rewrites it)"
+    d.parent.mkdir(parents=True, exist_ok=True)
+    free_bytes, need = shutil.disk_usage(d.parent).free, S * (V * D * 2 + 4096)
+    if need > free_bytes * 0.8:
+        raise SystemExit(f"{need / 1e9:.1f} GB of snapshots do not fit the {free_bytes / 1e9:.1f} GB free under "
+                         f"{d.parent}: make a smaller series")
+    marker.unlink(missing_ok=True)
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    t0 = time.perf_counter()
+    layout = SnapshotLayout(V, D, "bfloat16", K)
+    series = Series(d, layout, "bench-reader", Schedule.start(layout, 1), fsync=False)
+    series.write_manifest()
+    writer = SnapshotWriter(series)
+    writer.start()
+    free: queue.Queue = queue.Queue()
+    for _ in range(8):
+        free.put(FileImage(layout))
+    base = reader_base(V, D)
+    for step in range(1, S + 1):
+        p = series.place(step)
+        image = free.get()
+        image.prepare(p.step, p.every)["unembedding"].view(torch.int16).copy_(((base + 31 * step) % 32749).to(torch.int16))
+        writer.submit(p, image, release=lambda image=image: free.put(image))
+    writer.close()
+    os.sync()
+    marker.write_text(json.dumps(spec))
+    return f"written by SnapshotWriter (fsync off, then one sync) in {time.perf_counter() - t0:.0f} s"
+
+
 def log(*args) -> None:
     print(f"[{time.strftime('%H:%M:%S')}]", *args, flush=True)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, log, machine  # noqa: E402
 
-ORDER = ["streaming", "snapshot_io", "forecast_bytes", "wandb_run_file", "peak_memory", "compiled_memory", "setup_cost", "scaling",
+ORDER = ["streaming", "snapshot_io", "reader_scale", "forecast_bytes", "wandb_run_file", "peak_memory", "compiled_memory", "setup_cost", "scaling",
          "gpu_check", "lightning_memory", "forecast_cost"]
 PLACEHOLDERS = {  # a section whose script wrote nothing here
     "gpu_check": "## 5. GPU checks\n\nNot measured on GPU yet: this machine has no CUDA device (`python benchmarks/gpu_check.py` "

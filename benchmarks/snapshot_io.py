@@ -37,7 +37,6 @@ import argparse
 import gc
 import json
 import os
-import queue
 import random
 import re
 import shutil
@@ -52,7 +51,8 @@ import numpy as np  # the benchmark uses numpy (memmap comparisons); the package
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import log, median, spread, table, tmp_dir, verdict, write_section  # noqa: E402
+from common import (conditions, log, median, reader_base, spread, table, tmp_dir, verdict,  # noqa: E402
+                    warm_all, write_reader_data, write_section)
 
 from budget_callback.snapshots import diskio  # noqa: E402
 from budget_callback.snapshots import writer as writer_module  # noqa: E402
@@ -77,16 +77,6 @@ SIZES = {
 LABEL = {"1.28MB": "1.28 MB", "77MB": "77 MB", "1GB": "1 GB"}
 RAW = "raw write+fsync"
 WRITER = "**SnapshotWriter** (end to end)"
-
-
-def conditions() -> str:
-    load = " ".join(open("/proc/loadavg").read().split()[:3])
-    try:
-        fields = dict(kv.split("=") for kv in open("/proc/pressure/io").read().split("\n")[0].split()[1:])
-        io = f"{fields['avg10']}% / {fields['avg60']}% (avg10 / avg60)"
-    except OSError:
-        io = "n/a"
-    return f"load average {load}; I/O pressure {io}"
 
 
 def cmd(part: str) -> str:
@@ -501,37 +491,12 @@ READER_V, READER_D = 10_000, 64
 
 
 def _base() -> torch.Tensor:
-    return torch.arange(READER_V, dtype=torch.int32)[:, None] * 7 + torch.arange(READER_D, dtype=torch.int32)[None, :]
+    return reader_base(READER_V, READER_D)
 
 
 def make_reader_data(d: Path, K: int, S: int, fresh: bool) -> str:
     """S snapshots written by the product's writer (fsync off, then one sync), kept between runs."""
-    spec = {"V": READER_V, "D": READER_D, "K": K, "S": S, "pattern": "(7*token + d + 31*step) % 32749 as int16"}
-    marker = d.parent / f"{d.name}.json"
-    if not fresh and marker.exists() and json.loads(marker.read_text()) == spec and d.is_dir():
-        return "reused from an earlier run of this script (`--fresh-data` rewrites it)"
-    marker.unlink(missing_ok=True)
-    shutil.rmtree(d, ignore_errors=True)
-    d.mkdir(parents=True)
-    t0 = time.perf_counter()
-    layout = SnapshotLayout(READER_V, READER_D, "bfloat16", K)
-    series = Series(d, layout, "bench-reader", Schedule.start(layout, 1), fsync=False)
-    series.write_manifest()
-    w = SnapshotWriter(series)
-    w.start()
-    free: queue.Queue = queue.Queue()
-    for _ in range(8):
-        free.put(FileImage(layout))
-    base = _base()
-    for step in range(1, S + 1):
-        p = series.place(step)
-        image = free.get()
-        image.prepare(p.step, p.every)["unembedding"].view(torch.int16).copy_(((base + 31 * step) % 32749).to(torch.int16))
-        w.submit(p, image, release=lambda image=image: free.put(image))
-    w.close()
-    os.sync()
-    marker.write_text(json.dumps(spec))
-    return f"written by SnapshotWriter (fsync off, then one sync) in {time.perf_counter() - t0:.0f} s"
+    return write_reader_data(d, READER_V, READER_D, K, S, fresh)
 
 
 def evict(files) -> None:
@@ -539,13 +504,6 @@ def evict(files) -> None:
         fd = os.open(p, os.O_RDONLY)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
-
-
-def warm_all(files) -> None:
-    for p in files:
-        with open(p, "rb") as fh:
-            while fh.read(8 << 20):
-                pass
 
 
 def run_reader(K: int, S: int, warm_calls: int, cold_rounds: int, fresh: bool) -> dict:

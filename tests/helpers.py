@@ -100,6 +100,27 @@ def checkpointed_run(tmp_path, snaps, steps: int = 6, ckpt_every: int = 4, **kwa
     return cb, str(next(p for p in (tmp_path / "ckpt").iterdir() if f"step={ckpt_every}" in p.name))
 
 
+def stall_first_write(monkeypatch, until) -> None:
+    """A disk that stalls on the first write until ``until()`` holds (the training side has hit the full
+    ring), then writes normally. Event-driven: no sleep decides the outcome; 60 s is only a safety bound."""
+    import threading
+    import time
+
+    import budget_callback.snapshots.diskio as diskio
+
+    real, first = diskio.write_snapshot_file, threading.Event()
+
+    def stalled(*args, **kwargs):
+        if not first.is_set():
+            first.set()
+            deadline = time.monotonic() + 60
+            while not until() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(diskio, "write_snapshot_file", stalled)
+
+
 def write_series(directory, layout, steps, every: int = 1, stride: int = 1, fill=None, run_id: str = "test-run"):
     """A real series written by the real writer: batch ends at ``steps``, snapshots where the schedule says.
 

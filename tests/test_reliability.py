@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import CSVLogger
 from budget_callback import BudgetCallback, SnapshotReader
 from budget_callback.errors import SnapshotWriteError
 from budget_callback.forecast.shapes import ModelShape
-from helpers import Filler, TinyLM, tmpfs, token_loader, trainer
+from helpers import Filler, TinyLM, stall_first_write, tmpfs, token_loader, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDE = ModelShape(vocab_size=5000, d_model=64, n_layer=1, n_head=2, n_ctx=8, name="wide")  # 640 kB per bf16 W
@@ -219,29 +219,9 @@ def test_injected_enospc_portable(tmp_path, monkeypatch, record):
     record(enospc_step=4, readable=len(SnapshotReader(tmp_path / "s")), partial=0, reached=t.global_step)
 
 
-def _stall_first_write(monkeypatch, until):
-    """A disk that stalls on the first write until ``until()`` holds (the training side has hit the full
-    queue), then writes normally. Event-driven: no sleep decides the outcome; 60 s is only a safety bound."""
-    import threading
-
-    import budget_callback.snapshots.diskio as diskio
-
-    real, first = diskio.write_snapshot_file, threading.Event()
-
-    def stalled(*args, **kwargs):
-        if not first.is_set():
-            first.set()
-            deadline = time.monotonic() + 60
-            while not until() and time.monotonic() < deadline:
-                time.sleep(0.01)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(diskio, "write_snapshot_file", stalled)
-
-
 def test_slow_writer_waits_and_reports_backpressure(tmp_path, monkeypatch, record):
     cb = BudgetCallback(tmp_path / "s", queue_depth=1)
-    _stall_first_write(monkeypatch, lambda: cb._fit.capture.stats.waits >= 1)
+    stall_first_write(monkeypatch, lambda: cb._fit.capture.stats.waits >= 1)
     logger = CSVLogger(tmp_path, name="csv")
     trainer(tmp_path, [cb], max_steps=10, logger=logger, log_every_n_steps=5).fit(TinyLM(), token_loader(n=100))
     stats = cb._fit.capture.stats
@@ -257,7 +237,7 @@ def test_slow_writer_waits_and_reports_backpressure(tmp_path, monkeypatch, recor
 
 def test_slow_writer_drops_and_counts(tmp_path, monkeypatch, record):
     cb = BudgetCallback(tmp_path / "s", queue_depth=1, when_behind="drop")
-    _stall_first_write(monkeypatch, lambda: cb._fit.series.dropped >= 1)
+    stall_first_write(monkeypatch, lambda: cb._fit.series.dropped >= 1)
     trainer(tmp_path, [cb], max_steps=10).fit(TinyLM(), token_loader(n=100))
     series = cb.series
     assert series.dropped >= 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from ..snapshots.format import SnapshotLayout, host_buffer_bytes
+from ..snapshots.format import SnapshotLayout, ring_cap
 from ..snapshots.schedule import Schedule, series_bytes, solve_interval
 from ..units import format_bytes
 from ..validate import one_of, positive_int
@@ -39,6 +39,7 @@ class SnapshotSpec:
     snapshots_per_file: int = 1
     include_embedding: bool = False
     queue_depth: int = 4  # snapshots waiting for the writer (bounded queue)
+    host_ram_bytes: int | None = None  # host RAM available when training starts (caps the ring); None: not known
 
     def __post_init__(self) -> None:
         positive_int("save_every_n_steps", self.save_every_n_steps)
@@ -185,6 +186,7 @@ def _storage(inputs: PlanInputs, every: int, n_params: int, n_tensors: int, entr
     # copy is written the old one is still there
     rewrite = layout.file_bytes(every, per_file, every) if layout.stacked and inputs.logging.checkpoint_every_n_steps \
         else 0
+    ring = ring_cap(layout, snap.queue_depth, snap.host_ram_bytes)
     scaling = []
     for vocab in SCALING_VOCAB_SIZES:
         trial = replace(layout, vocab_size=vocab)
@@ -206,7 +208,11 @@ def _storage(inputs: PlanInputs, every: int, n_params: int, n_tensors: int, entr
         "wandb_staging_on_disk_bytes": staging,
         "rewrite_headroom_bytes": rewrite,
         "total_bytes": snaps + rewrite + (kept * ckpt if inputs.checkpoints_share_disk else 0) + staging,
-        "host_buffer_bytes": host_buffer_bytes(layout, snap.queue_depth),
+        "host_buffer_bytes": ring.total_bytes,  # the snapshot ring at most: its cap, and why
+        "host_buffer_images": ring.buffers,
+        "host_buffer_basis": ring.basis,
+        "host_ram_available_bytes": ring.available_bytes,
+        "host_ram_share": ring.share,
         "scaling": scaling,
     }
 

@@ -9,10 +9,11 @@ from ..units import format_bytes, format_count, format_seconds
 REPORT_TITLE = "budget-callback forecast"
 
 
-def _table(title: str, rows: list[tuple[str, str]], note: str = "") -> list[str]:
-    width = max([len(k) for k, _ in rows] + [24])
+def _table(title: str, rows: list[tuple[str, ...]], note: str = "") -> list[str]:
+    """Rows of (label, value) or (label, value, why): the why in brackets after the value."""
+    width = max([len(row[0]) for row in rows] + [24])
     lines = [title + (f"  ({note})" if note else "")]
-    lines += [f"  {k:<{width}}  {v:>14}" for k, v in rows]
+    lines += [f"  {row[0]:<{width}}  {row[1]:>14}" + (f"  ({row[2]})" if len(row) > 2 else "") for row in rows]
     return lines + [""]
 
 
@@ -102,7 +103,8 @@ def render(f: Forecast) -> str:
          format_bytes(st["wandb_staging_bytes"])),
         ("stacked-file rewrite headroom", format_bytes(st["rewrite_headroom_bytes"])),
         ("total on disk", format_bytes(st["total_bytes"])),
-        ("host RAM for the snapshot ring (at most)", format_bytes(st["host_buffer_bytes"]))])
+        ("host RAM for the snapshot ring (at most)", format_bytes(st["host_buffer_bytes"]),
+         st["host_buffer_basis"])])
     out.append("  vocab scaling:  " + "  ".join(f"V={r['vocab_size']:,}: {format_bytes(r['snapshot_bytes'])}" for r in st["scaling"]))
     out.append("")
     w = f.wandb

@@ -30,7 +30,9 @@ class BudgetCallback(Callback):
         disk_budget / memory_budget / wandb_budget: bytes (int) or ``"12GB"`` / ``"12GiB"``; disk None: the free
             space of snapshot_dir's file system; memory None: the accelerator's memory (host RAM on the CPU).
         on_exceed: ``"downsample"`` (raise the interval), ``"abort"`` or ``"warn"``.
-        queue_depth: snapshots waiting for the writer (bounds host RAM).
+        queue_depth: snapshots waiting for the writer at most (bounds host RAM; the ring of ``queue_depth + 2``
+            file images also stays within 25% of the host RAM available at fit start, and grows only as the
+            measured pace of the disk and the steps asks).
         when_behind: ``"wait"`` (back-pressure, reported) or ``"drop"`` (counted) when the disk is slow.
         overwrite: replace another run's snapshots in snapshot_dir.
         fsync: fsync files before they become visible.

@@ -2,11 +2,15 @@
 
 One mechanism for every device, with a device-specific copy:
 
-* a ring of at most ``queue_depth + 2`` host buffers (pinned on CUDA), each laid out as one whole file
+* a ring of host buffers (pinned on CUDA), each laid out as one whole file
   (:class:`~budget_callback.snapshots.image.FileImage`), made when first needed and reused: one being
-  filled, at most ``queue_depth`` waiting for the writer, one being written. A buffer goes back to
-  the ring when the writer is done with it; when none is free the step waits (``when_behind="wait"``,
-  timed as back-pressure) or the snapshot is dropped and counted (``"drop"``);
+  filled, some waiting for the writer, one being written. A buffer goes back to the ring when the writer
+  is done with it; when none is free and the ring may not grow, the step waits (``when_behind="wait"``,
+  timed as back-pressure) or the snapshot is dropped and counted (``"drop"``). The ring grows only as the
+  measured pace asks (:func:`~budget_callback.snapshots.format.ring_buffers`: the writer's time per file
+  against the training's own time between snapshots; a disk slower than the steps gets the fewest buffers,
+  which cost it nothing more than more would), up to ``max_buffers``: the forecast's cap, ``queue_depth + 2``
+  within a share of the host RAM available (:func:`~budget_callback.snapshots.format.ring_cap`);
 * the copy into the buffer (``copy_``: a cast into an existing buffer, no allocation) runs where it
   costs training nothing: on CUDA it is ``non_blocking`` on the current stream with an event (the
   optimizer's next kernels are ordered after it); on the CPU a copier thread does it while the next
@@ -35,13 +39,14 @@ import queue
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import SnapshotWriteError
-from ..snapshots.format import SnapshotLayout, ring_size
+from ..snapshots.format import RING_SAMPLES, SnapshotLayout, ring_buffers
 from ..snapshots.image import FileImage
 from .locate import MatrixSource
 
@@ -60,6 +65,9 @@ class CaptureStats:
     taken: int = 0
     torn: int = 0  # snapshots dropped because W changed while it was being copied
     path: str = ""  # how the last snapshot was copied: "cuda pinned ring" | "cpu copier" | "cpu guarded"
+    ring_buffers: int = 0  # file images the ring holds (it never gives one back)
+    ring_allowed: int = 0  # what the measured pace allowed when it last had to decide, at most the cap
+    ring_sized_by: str = ""  # why (format.ring_buffers)
 
 
 @dataclass
@@ -72,16 +80,18 @@ class _Copied:
     sample: dict[str, tuple]  # a few rows of each, read when the copy was placed (overlapped copies only)
     step: int
     ready: Ready
-    release: Callable[[], None]
+    slot: int
 
 
 class Capture:
     """Takes snapshots of the matrices of ``sources`` in ``dtype``. Every rank calls :meth:`take` (a sharded W
-    is gathered collectively); only the writing rank copies, and hands each filled buffer to ``ready``."""
+    is gathered collectively); only the writing rank copies, and hands each filled buffer to ``ready``. The ring
+    holds at most ``max_buffers`` file images, as many as the measured pace asks; ``clock`` times that pace."""
 
-    def __init__(self, sources: dict[str, MatrixSource], layout: SnapshotLayout, queue_depth: int, writes: bool,
+    def __init__(self, sources: dict[str, MatrixSource], layout: SnapshotLayout, max_buffers: int, writes: bool,
                  gather: Callable[[], contextlib.AbstractContextManager] | None = None, when_behind: str = "wait",
-                 overlap: bool = True, on_torn: Callable[[int], None] | None = None) -> None:
+                 overlap: bool = True, on_torn: Callable[[int], None] | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.sources = sources
         self.layout = layout
         self.writes = writes
@@ -91,9 +101,19 @@ class Capture:
         self.stats = CaptureStats()
         self._gather = gather
         self._rng = random.Random(0x5EED)  # its own generator: the run's random state is never touched
-        self._size = ring_size(queue_depth)
+        self._cap = max_buffers
+        self._clock = clock
         self._ring: list[FileImage] = []
         self._free: queue.Queue[int] = queue.Queue()
+        # the pace the ring is sized from: the writer's time per image (from the writer's thread) and the training's
+        # own time between snapshots, its waits for a buffer or a copy left out
+        self._pace_lock = threading.Lock()
+        self._writes: deque[float] = deque(maxlen=RING_SAMPLES)
+        self._intervals: deque[float] = deque(maxlen=RING_SAMPLES)
+        self._handed: dict[int, float] = {}  # slot -> when it went to the writer
+        self._last_release = float("-inf")
+        self._last_take: tuple[float, float] | None = None  # (when, waited so far) at the last take
+        self._waited = 0.0  # seconds the training thread waited for a buffer or a copy, in all
         self._requests: queue.Queue = queue.Queue()
         self._copied: queue.Queue[_Copied] = queue.Queue()  # done by the copier, not yet checked and handed on
         self._copier: threading.Thread | None = None
@@ -105,25 +125,58 @@ class Capture:
             return self._free.get_nowait()
         except queue.Empty:
             pass
-        if len(self._ring) < self._size:  # grown on demand: a writer that keeps up needs two or three
+        if len(self._ring) < self._allowed():  # grown on demand, as far as the pace asks
             self._ring.append(FileImage(self.layout, pin_memory=pin))
+            self.stats.ring_buffers = len(self._ring)
             return len(self._ring) - 1
         if self.when_behind == "drop":
             self.stats.dropped += 1
             return None
         self.stats.waits += 1
-        start = time.perf_counter()
+        start = self._clock()
         while True:  # wait for the writer, but surface a copier failure instead of blocking forever
             try:
                 slot = self._free.get(timeout=0.5)
                 break
             except queue.Empty:
                 self._check()
-        self.stats.backpressure_seconds += time.perf_counter() - start
+        waited = self._clock() - start
+        self.stats.backpressure_seconds += waited
+        self._waited += waited
         return slot
 
-    def _release(self, slot: int) -> Callable[[], None]:
-        return lambda: self._free.put(slot)
+    def _allowed(self) -> int:
+        """How many file images the ring may hold now: what the measured pace asks, at most the cap."""
+        with self._pace_lock:
+            writes, intervals = list(self._writes), list(self._intervals)
+        self.stats.ring_allowed, self.stats.ring_sized_by = ring_buffers(writes, intervals, self._cap)
+        return self.stats.ring_allowed
+
+    def _hand_over(self, slot: int) -> Callable[[], None]:
+        """The buffer goes to the writer now; the callable the writer calls once it has read it (gives it back,
+        and times the writer: from when it could start on this image, this one or the last given back, to now)."""
+        self._handed[slot] = self._clock()
+
+        def written() -> None:
+            now = self._clock()
+            with self._pace_lock:
+                self._writes.append(now - max(self._handed[slot], self._last_release))
+                self._last_release = now
+            self._free.put(slot)
+        return written
+
+    def _give_back(self, slot: int) -> None:
+        """The buffer goes back unwritten (a torn copy, a failed copier): nothing timed."""
+        self._free.put(slot)
+
+    def _note_take(self) -> None:
+        """The training's own time since the last snapshot (its waits left out), for the ring's pace."""
+        now = self._clock()
+        if self._last_take is not None:
+            when, waited = self._last_take
+            with self._pace_lock:
+                self._intervals.append(max(0.0, now - when - (self._waited - waited)))
+        self._last_take = (now, self._waited)
 
     @property
     def host_bytes(self) -> int:
@@ -139,6 +192,7 @@ class Capture:
             matrices = {name: source.matrix() for name, source in self.sources.items()}  # collective if sharded
             if not self.writes:
                 return False
+            self._note_take()
             slot = self._acquire(any(w.device.type == "cuda" for w in matrices.values()))
             if slot is None:
                 return False
@@ -153,7 +207,7 @@ class Capture:
                 self.stats.path = "cuda pinned ring"
                 event = torch.cuda.Event()
                 event.record()
-                ready(image, event, self._release(slot))
+                ready(image, event, self._hand_over(slot))
                 return True
         self._settle()
         self._start_copier()
@@ -162,8 +216,7 @@ class Capture:
         watch = {} if self._gather is not None else matrices
         sample = self._sample(watch, image) if self.overlap else {}  # guarded: checked before anything runs
         self.stats.path = "cpu copier" if self.overlap else "cpu guarded"
-        self._requests.put((image, matrices, _Copied(image, watch, versions, sample, step, ready,
-                                                     self._release(slot))))
+        self._requests.put((image, matrices, _Copied(image, watch, versions, sample, step, ready, slot)))
         if not self.overlap:
             self.wait()
         return True
@@ -187,7 +240,7 @@ class Capture:
                     del matrices  # W is read: the optimizer may change it now
                     self._copied.put(copied)  # checked and handed on by the training thread (_settle)
                 else:
-                    request[2].release()
+                    self._give_back(request[2].slot)
             except BaseException as err:  # noqa: BLE001 - surfaced on the training thread
                 self._error = err
             finally:
@@ -198,9 +251,11 @@ class Capture:
         the finished copies on (:meth:`_settle`)."""
         if self._copier is not None and self._requests.unfinished_tasks:
             self.stats.copy_waits += 1
-            start = time.perf_counter()
+            start = self._clock()
             self._requests.join()
-            self.stats.copy_wait_seconds += time.perf_counter() - start
+            waited = self._clock() - start
+            self.stats.copy_wait_seconds += waited
+            self._waited += waited
         self._settle()
         self._check()
 
@@ -234,13 +289,13 @@ class Capture:
             except queue.Empty:
                 return
             if any(w._version != c.versions[name] for name, w in c.watch.items()) or self._differs(c):
-                c.release()
+                self._give_back(c.slot)
                 self.stats.torn += 1
                 self.overlap = False
                 if self.on_torn is not None:
                     self.on_torn(c.step)
             else:
-                c.ready(c.image, None, c.release)
+                c.ready(c.image, None, self._hand_over(c.slot))
 
     def _check(self) -> None:
         if self._error is not None:

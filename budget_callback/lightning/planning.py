@@ -54,9 +54,11 @@ def capture_device_bytes(sources: dict[str, MatrixSource], layout: SnapshotLayou
 
 
 def plan_fit(trainer: pl.Trainer, module: pl.LightningModule, config: BudgetConfig, facts: FitFacts, batch,
-             resume: dict | None, free_disk_bytes: int, sources: dict[str, MatrixSource] | None = None) -> Forecast:
+             resume: dict | None, free_disk_bytes: int, sources: dict[str, MatrixSource] | None = None,
+             host_ram_bytes: int | None = None) -> Forecast:
     """The forecast for this fit (rank 0): analytic for a module that declares its shape, else traced. A traced
-    step also says whether it writes the matrices of ``sources`` in place (``model["written_in_step"]``)."""
+    step also says whether it writes the matrices of ``sources`` in place (``model["written_in_step"]``).
+    ``host_ram_bytes``: the host RAM available now, which caps the snapshot ring (``storage.host_buffer_*``)."""
     declared = R.find_shape(module)
     memory_default, on_accelerator = R.memory_budget_default(module)
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
@@ -76,7 +78,7 @@ def plan_fit(trainer: pl.Trainer, module: pl.LightningModule, config: BudgetConf
     inputs = PlanInputs(
         shape=shape, setup=setup, steps=facts.final_step,
         snapshot=SnapshotSpec(config.save_every_n_steps, config.snapshot_dtype, config.snapshots_per_file,
-                              config.include_embedding, config.queue_depth),
+                              config.include_embedding, config.queue_depth, host_ram_bytes),
         logging=spec,
         budgets=Budgets(config.disk_budget, config.memory_budget or memory_default or None, config.wandb_budget,
                         config.on_exceed),

@@ -28,7 +28,7 @@ from ..forecast import disk_guard
 from ..forecast.engine import Forecast
 from ..forecast.report import REPORT_TITLE, render
 from ..forecast.wandb_usage import staging_bytes_after
-from ..snapshots.format import MANIFEST, SnapshotLayout, host_buffer_bytes
+from ..snapshots.format import MANIFEST, SnapshotLayout, ring_cap, ring_size
 from ..snapshots.schedule import Schedule
 from ..snapshots.directory import scan
 from ..snapshots.series import Series, SeriesPlan, new_run_id, prepare, restored_series
@@ -167,10 +167,11 @@ class FitSession:
             plan = self._prepare(layout)
             if choice_note(sources["unembedding"]):  # one of several candidates: say which, and how to choose
                 plan.warnings.append(choice_note(sources["unembedding"]))
-            self._check_host_ram(layout)
+            ram = available_ram_bytes()
+            self._check_host_ram(layout, ram)
             free = shutil.disk_usage(_existing_parent(self.config.snapshot_dir)).free + plan.reclaimable_bytes
             resume = plan.schedule.state() if plan.schedule is not None else None
-            return plan_fit(trainer, module, self.config, facts, batch, resume, free, sources)
+            return plan_fit(trainer, module, self.config, facts, batch, resume, free, sources, ram)
 
         self.forecast = result = decide_on_rank_zero(strategy, decide)
         self.facts = facts
@@ -196,7 +197,7 @@ class FitSession:
         writers = R.weight_writers(trainer, module)
         writers += [f"{type(module).__name__}.training_step writes {name} in place (seen in the traced step)"
                     for name in (result.model or {}).get("written_in_step", [])]
-        self.capture = Capture(sources, layout, self.config.queue_depth, writes=self.writer is not None,
+        self.capture = Capture(sources, layout, result.storage["host_buffer_images"], writes=self.writer is not None,
                                gather=R.full_params(trainer, sharded), when_behind=self.config.when_behind,
                                overlap=not writers, on_torn=self._torn if self.series else None)
         if writers and self.series is not None:
@@ -238,15 +239,15 @@ class FitSession:
         return prepare(self.config.snapshot_dir, layout, restored_series(self.restored), self.config.overwrite, hint,
                        run_id=own or self.run_id, own_run_id=own, asked_every=self.config.save_every_n_steps)
 
-    def _check_host_ram(self, layout: SnapshotLayout) -> None:
-        K = layout.snapshots_per_file
-        need = host_buffer_bytes(layout, self.config.queue_depth)
-        free = available_ram_bytes()
-        if free is not None and need > free:
+    def _check_host_ram(self, layout: SnapshotLayout, available: int | None) -> None:
+        """Refuse a run whose snapshot ring does not fit the host RAM available even at its fewest buffers."""
+        ring = ring_cap(layout, self.config.queue_depth, available)
+        if available is not None and ring.total_bytes > available:
             raise ValueError(
-                f"`snapshots_per_file`={K} and `queue_depth`={self.config.queue_depth} need "
-                f"{format_bytes(need)} of host RAM for snapshot buffers ({format_bytes(layout.step_bytes)} each), "
-                f"{format_bytes(free)} is available: lower snapshots_per_file or queue_depth")
+                f"`snapshots_per_file`={layout.snapshots_per_file} and `queue_depth`={self.config.queue_depth} need "
+                f"{format_bytes(ring.total_bytes)} of host RAM for snapshot buffers ({ring.basis}; "
+                f"{format_bytes(layout.step_bytes)} per snapshot), {format_bytes(available)} is available: lower "
+                "snapshots_per_file")
 
     def _open(self, trainer: pl.Trainer, plan: SeriesPlan, result: Forecast, layout: SnapshotLayout,
               stride: int) -> dict:
@@ -266,6 +267,10 @@ class FitSession:
         if result.decision == "downsampled":
             self.series.event({"step": step, "event": "interval_raised_at_start",
                                "from": self.config.save_every_n_steps, "every": result.save_every_n_steps})
+        if result.storage["host_buffer_images"] < ring_size(self.config.queue_depth):  # the host RAM share binds
+            st = result.storage
+            self.series.event({"step": step, "event": "snapshot_ring_capped", "buffers": st["host_buffer_images"],
+                               "bytes": st["host_buffer_bytes"], "basis": st["host_buffer_basis"]})
         for text in plan.warnings:
             warnings.warn(f"budget-callback: {text}", stacklevel=2)
             self.series.event({"step": step, "event": "warning", "detail": text})
@@ -517,7 +522,8 @@ class FitSession:
             self._warn_overflow()
         finally:
             self.series.summary = {"projected_bytes": self.schedule.due_bytes(),
-                                   "forecast": self.forecast.to_dict() if self.forecast else None}
+                                   "forecast": self.forecast.to_dict() if self.forecast else None,
+                                   "snapshot_ring": self.ring_used()}
             self.series.write_manifest("failed" if failed else "finished")
         return self.series.figures()
 
@@ -556,6 +562,17 @@ class FitSession:
         schedule = Schedule.from_state(layout, state["schedule"])
         self.idle = {"projected_bytes": schedule.due_bytes(), "bytes_written": sum(f.size for f in found.files),
                      "files": len(found.files), "last_step": schedule.last_step, "every": schedule.interval}
+
+    def ring_used(self) -> dict | None:
+        """The snapshot ring as this fit used it: the forecast's cap and its basis, the file images the capture
+        made and what the measured pace allowed last (in the manifest's summary at the end of the fit)."""
+        if self.capture is None or self.forecast is None:
+            return None
+        st, stats = self.forecast.storage, self.capture.stats
+        return {"cap_buffers": st["host_buffer_images"], "cap_bytes": st["host_buffer_bytes"],
+                "basis": st["host_buffer_basis"], "host_ram_available_bytes": st["host_ram_available_bytes"],
+                "host_ram_share": st["host_ram_share"], "buffers": stats.ring_buffers,
+                "bytes": self.capture.host_bytes, "allowed": stats.ring_allowed, "sized_by": stats.ring_sized_by}
 
     def projected_bytes(self) -> int:
         """The snapshot bytes due for the steps this fit ran to (the schedule's exact count, every interval

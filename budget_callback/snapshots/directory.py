@@ -11,12 +11,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import socket
 import struct
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from ..errors import SnapshotDirInUseError
 from . import osio
@@ -24,6 +26,7 @@ from .format import (ITEMSIZE, LOCK_FILE, MANIFEST, SNAPSHOT_FORMAT, SnapshotLay
                      step_of_name, temporary_name)
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+_FORMAT_FAMILY = SNAPSHOT_FORMAT.split("/")[0]
 
 
 def is_disk_full(err: BaseException) -> bool:
@@ -217,17 +220,28 @@ class DirectoryLock:
 
 
 # --- what is in the directory --------------------------------------------------------------------
-@dataclass(frozen=True)
-class SnapshotFile:
-    """A valid snapshot file: its steps, layout and where each tensor's data starts."""
+class SnapshotFile(NamedTuple):
+    """A valid snapshot file: its steps, layout and where each tensor's data starts.
 
-    path: Path
+    A named tuple (immutable), made cheaply: a scan makes one per file. ``tensors`` is shared, read-only, by the
+    files of a series whose tensor headers are the same bytes."""
+
+    location: str  # the file's path (``path`` makes the Path when asked)
     first_step: int
     steps: tuple[int, ...]
     every: int
     size: int
     data_start: int  # 8 + header length
     tensors: dict  # name -> {"dtype": code, "shape": [...], "data_offsets": [a, b]}
+    header: bytes = b""  # the 8-byte length and the header as read: a file opened later must still start so
+
+    @property
+    def path(self) -> Path:
+        return Path(self.location)
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.location)
 
     @property
     def count(self) -> int:
@@ -257,56 +271,195 @@ class BadFile:
         return f"{self.path.name}: {self.reason}"
 
 
-def read_snapshot_file(path: Path) -> SnapshotFile | BadFile:
-    """Parse and check one file's header against its size, without reading its data."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                return BadFile(path, f"{size} B: shorter than the 8-byte header length (truncated)")
-            (length,) = struct.unpack("<Q", head)
-            if length > min(MAX_HEADER_BYTES, size - 8):
-                return BadFile(path, f"header length {length:,} B does not fit the {size:,} B file (truncated or "
-                                     "not safetensors)")
-            header = json.loads(fh.read(length))
-    except OSError as err:
-        return BadFile(path, f"unreadable ({err.strerror})")
-    except (ValueError, UnicodeDecodeError):
-        return BadFile(path, "header is not valid JSON (not safetensors)")
+_HEAD_BYTES = 1024  # read at once: the length and the header of a snapshot file of a few tensors (else a 2nd read)
+# Headers are parsed in two parts: the metadata object, different in every file, and the tensors' part, the same
+# bytes in every file of a series, parsed once per scan. The metadata as this package writes it is matched in one
+# go; any other order of string values without escapes pair by pair; anything else is parsed as JSON.
+_STRING = rb'"[^"\\\x00-\x1f]*"'
+_OURS = re.compile(rb'\{"__metadata__":\{"format":"([^"\\\x00-\x1f]*)","first_step":"([0-9]+)","count":"([0-9]+)",'
+                   rb'"every":"([0-9]+)"(?:,"steps":"([0-9,]*)")?\},')
+_METADATA = re.compile(rb'\{"__metadata__":\{("[A-Za-z_]+":' + _STRING + rb'(?:,"[A-Za-z_]+":' + _STRING + rb')*)?\},')
+_PAIR = re.compile(rb'"([A-Za-z_]+)":"([^"\\\x00-\x1f]*)"')
+_META_KEYS = ("format", "first_step", "count", "every", "steps")
+# A header this package wrote starts so; what follows the first step's digits is the same bytes in every file of
+# a series (for steps of as many digits): checked in full once, then compared (see ``_Own``).
+_OWN_START = b'{"__metadata__":{"format":"' + SNAPSHOT_FORMAT.encode() + b'","first_step":"'
+
+
+def _parse_header(raw: bytes, parsed: dict) -> tuple[tuple, dict | None, int | str]:
+    """``(metadata, tensors, end of their data or why they are invalid)`` of a header's JSON ``raw``; metadata as
+    the values of ``_META_KEYS`` (None where missing); ``tensors`` None when the header is not a JSON object.
+    ``parsed`` caches the tensors' part by its bytes."""
+    m = _OURS.match(raw)
+    if m is not None:
+        meta = tuple(v.decode() if v is not None else None for v in m.groups())
+    else:
+        m = _METADATA.match(raw)
+        if m is not None:
+            pairs = dict(_PAIR.findall(m.group(1) or b""))
+            meta = tuple(pairs[k].decode() if k in pairs else None for k in (k.encode() for k in _META_KEYS))
+    if m is not None:
+        rest = raw[m.end() - 1:].rstrip(b" ")
+        known = parsed.get(rest)
+        if known is None:
+            tensors = json.loads(b"{" + rest[1:])
+            known = parsed[rest] = (*_check_tensors(tensors), "__metadata__" not in tensors)
+        if known[2]:  # a second "__metadata__" (JSON keeps the last): parsed whole below
+            return meta, known[0], known[1]
+    header = json.loads(raw)
     if not isinstance(header, dict):
-        return BadFile(path, "header is not a JSON object (not safetensors)")
-    meta = header.pop("__metadata__", None) or {}
+        return (None,) * len(_META_KEYS), None, 0
+    given = header.pop("__metadata__", None)
+    given = given if isinstance(given, dict) else {}
+    return tuple(given.get(k) for k in _META_KEYS), *_check_tensors(header)
+
+
+def _check_tensors(tensors: dict) -> tuple[dict, int | str]:
+    """``(tensors, end of their data)``, or ``(tensors, why they are invalid)``."""
     end = 0
-    for name, info in header.items():
+    for name, info in tensors.items():
         try:
             n = ITEMSIZE[info["dtype"]]
             for dim in info["shape"]:
                 n *= int(dim)
             a, b = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            return BadFile(path, f"tensor {name!r} has an invalid entry")
+            return tensors, f"tensor {name!r} has an invalid entry"
         if b - a != n:
-            return BadFile(path, f"tensor {name!r}: offsets do not match its shape")
+            return tensors, f"tensor {name!r}: offsets do not match its shape"
         end = max(end, b)
-    data = size - 8 - length
-    if data != end:
-        return BadFile(path, f"{data:,} B of data, the header describes {end:,} B (truncated)")
-    if not str(meta.get("format", "")).startswith(SNAPSHOT_FORMAT.split("/")[0]) or "unembedding" not in header:
-        return BadFile(path, "not a budget-callback snapshot (no 'budget-callback' format metadata)")
-    try:
-        first, count, every = int(meta["first_step"]), int(meta["count"]), int(meta["every"])
-        steps = tuple(int(x) for x in meta["steps"].split(",")) if meta.get("steps") else \
-            tuple(first + i * every for i in range(count))
-    except (KeyError, ValueError):
-        return BadFile(path, "snapshot metadata (first_step, count, every) is invalid")
-    if len(steps) != count or steps[0] != first or step_of_name(path.name) not in (None, first):
-        return BadFile(path, f"metadata steps do not match the file name (first_step {first}, count {count})")
-    shape = header["unembedding"]["shape"]
-    if len(shape) == 3 and shape[0] != count:
-        return BadFile(path, f"holds {shape[0]} stacked snapshots, metadata says {count}")
-    return SnapshotFile(path, first, steps, every, size, 8 + length, header)
+    return tensors, end
+
+
+def read_snapshot_file(path: Path | str) -> SnapshotFile | BadFile:
+    """Parse and check one file's header against its size, without reading its data."""
+    location = os.fspath(path)
+    return _Headers(os.path.dirname(location)).read_all([(os.path.basename(location),
+                                                          step_of_name(os.path.basename(location)))])[0]
+
+
+class _Own(NamedTuple):
+    """A header of ours checked in full, all but its first step: the bytes that follow the step's digits, and what
+    they mean. Another file whose first bytes are the same but for the step, and of the same size, is as valid."""
+
+    start: bytes  # the 8-byte header length and the JSON up to the first step's digits
+    rest: bytes  # what follows the digits, padding included
+    size: int  # the file's size
+    every: int
+    steps: tuple[int, ...]  # the steps after the first, relative to it
+    tensors: dict
+    data_start: int
+
+
+class _Headers:
+    """Reads the headers of a directory's files: one open (relative to the directory where ``os.open`` takes a
+    ``dir_fd``), one ``lseek`` (the size) and one read of the first 1 KiB each (a longer header takes a second
+    read), the calls looked up once per scan. A header is checked in full the first time its kind is met (see
+    :class:`_Own`); the next files of a series are compared with it byte for byte: a series' headers are read at
+    little more than the cost of those system calls. No ``fstat``: which file it was is told by its size and
+    header bytes (``SnapshotFile.header``), which the reader compares when it first opens the file again."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.flags = osio.open_flags(os.O_RDONLY)
+        self.read_at = getattr(os, "pread", None) or osio.read_at
+        self.parsed: dict = {}  # the tensors' part of a header -> (tensors, end or why invalid, no 2nd metadata)
+        self.own: dict[int, _Own] = {}  # digits of the first step -> the last header of ours checked in full
+
+    def read_all(self, named_files) -> list[SnapshotFile | BadFile]:
+        """The files of ``(name, step the name stands for or None)`` pairs, in order."""
+        base = os.path.join(self.directory, "")
+        relative = os.open in os.supports_dir_fd and os.path.isdir(self.directory)
+        dir_fd = os.open(self.directory, osio.open_flags(os.O_RDONLY)) if relative else None
+        try:
+            return self._read_all(named_files, base, dir_fd)
+        finally:
+            if dir_fd is not None:
+                os.close(dir_fd)
+
+    def _read_all(self, named_files, base: str, dir_fd: int | None) -> list[SnapshotFile | BadFile]:
+        out: list[SnapshotFile | BadFile] = []
+        append, own, flags, read_at, make = out.append, self.own, self.flags, self.read_at, SnapshotFile._make
+        do_open, do_seek, do_close, end = os.open, os.lseek, os.close, os.SEEK_END
+        for name, named in named_files:
+            try:
+                fd = do_open(name, flags, dir_fd=dir_fd) if dir_fd is not None else do_open(base + name, flags)
+                try:
+                    size = do_seek(fd, 0, end)
+                    head = read_at(fd, _HEAD_BYTES, 0)
+                    if named is not None:  # the same header as the last of ours checked in full, but for the step?
+                        digits = b"%d" % named
+                        known = own.get(len(digits))
+                        if known is not None and size == known.size and \
+                                head.startswith(header := known.start + digits + known.rest):
+                            append(make((base + name, named, (named,) if not known.steps else
+                                         (named, *(named + s for s in known.steps)), known.every, size,
+                                         known.data_start, known.tensors, header)))
+                            continue
+                    length = struct.unpack_from("<Q", head)[0] if len(head) >= 8 else -1
+                    if len(head) < 8 + length <= min(MAX_HEADER_BYTES, size):  # a longer header
+                        head += read_at(fd, 8 + length - len(head), len(head))
+                finally:
+                    do_close(fd)
+            except OSError as err:
+                append(BadFile(Path(base + name), f"unreadable ({err.strerror})"))
+                continue
+            append(self._check(base + name, named, size, head))  # the full check, which says why when it fails
+        return out
+
+    def _learn(self, raw: bytes, f: SnapshotFile) -> None:
+        """Remember ``f``'s header (``raw``, checked in full) for the next files, when nothing in it but the first
+        step's digits depends on the step: the metadata as this package writes it (no listed steps, which
+        are each file's own, and no second metadata object, which JSON would read instead)."""
+        m = _OURS.match(raw)
+        if m is None or m.group(5) is not None or b"__metadata__" in raw[m.end():]:
+            return
+        digits = m.group(2)
+        if digits != b"%d" % f.first_step or f.steps != tuple(f.first_step + i * f.every for i in range(f.count)):
+            return
+        self.own[len(digits)] = _Own(struct.pack("<Q", len(raw)) + _OWN_START, raw[len(_OWN_START) + len(digits):],
+                                     f.size, f.every, tuple(i * f.every for i in range(1, f.count)), f.tensors,
+                                     f.data_start)
+
+    def _check(self, location: str, named: int | None, size: int, head: bytes) -> SnapshotFile | BadFile:
+        """The full check of a header (``head``: the file's first bytes, the whole header if it fits the file)
+        against the file's ``size`` and name; a valid header of ours teaches ``own``."""
+        if len(head) < 8:
+            return BadFile(Path(location), f"{size} B: shorter than the 8-byte header length (truncated)")
+        (length,) = struct.unpack_from("<Q", head)
+        if length > min(MAX_HEADER_BYTES, size - 8):
+            return BadFile(Path(location), f"header length {length:,} B does not fit the {size:,} B file (truncated "
+                                           "or not safetensors)")
+        raw = head[8:8 + length]
+        try:
+            (fmt, first, count, every, listed), tensors, end = _parse_header(raw, self.parsed)
+        except (ValueError, UnicodeDecodeError):
+            return BadFile(Path(location), "header is not valid JSON (not safetensors)")
+        if tensors is None:
+            return BadFile(Path(location), "header is not a JSON object (not safetensors)")
+        if isinstance(end, str):
+            return BadFile(Path(location), end)
+        data = size - 8 - length
+        if data != end:
+            return BadFile(Path(location), f"{data:,} B of data, the header describes {end:,} B (truncated)")
+        if not str(fmt or "").startswith(_FORMAT_FAMILY) or "unembedding" not in tensors:
+            return BadFile(Path(location), "not a budget-callback snapshot (no 'budget-callback' format metadata)")
+        try:
+            first, count, every = int(first), int(count), int(every)
+            steps = tuple(int(x) for x in listed.split(",")) if listed else \
+                tuple(first + i * every for i in range(count)) if count != 1 else (first,)
+        except (TypeError, ValueError, AttributeError):
+            return BadFile(Path(location), "snapshot metadata (first_step, count, every) is invalid")
+        if len(steps) != count or not count or steps[0] != first or named not in (None, first):
+            return BadFile(Path(location), f"metadata steps do not match the file name (first_step {first}, count "
+                                           f"{count})")
+        shape = tensors["unembedding"]["shape"]
+        if len(shape) == 3 and shape[0] != count:
+            return BadFile(Path(location), f"holds {shape[0]} stacked snapshots, metadata says {count}")
+        found = SnapshotFile(location, first, steps, every, size, 8 + length, tensors, head[:8 + length])
+        if raw.startswith(_OWN_START):
+            self._learn(raw, found)
+        return found
 
 
 @dataclass
@@ -355,23 +508,27 @@ def scan(directory: Path) -> DirectoryScan:
     result = DirectoryScan(directory)
     if not directory.is_dir():
         return result
-    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
-        name = entry.name
-        if is_temporary(name):
-            result.temporaries.append(Path(entry.path))
+    snapshots = []
+    for name in sorted(os.listdir(directory)):
+        named = step_of_name(name)
+        if named is not None:
+            snapshots.append((name, named))
+        elif is_temporary(name):
+            result.temporaries.append(directory / name)
         elif name == MANIFEST:
             try:
-                result.manifest = json.loads(Path(entry.path).read_text())
+                result.manifest = json.loads((directory / name).read_text())
                 if not isinstance(result.manifest, dict):
                     raise ValueError("not an object")
             except (OSError, ValueError) as err:
                 result.manifest, result.manifest_error = {}, f"{MANIFEST} is unreadable ({err})"
-        elif step_of_name(name) is not None:
-            parsed = read_snapshot_file(Path(entry.path))
-            (result.files if isinstance(parsed, SnapshotFile) else result.bad).append(parsed)
         elif name.endswith(".safetensors"):
-            result.foreign.append(Path(entry.path))
-    result.files.sort(key=lambda f: f.first_step)
+            result.foreign.append(directory / name)
+    for parsed in _Headers(str(directory)).read_all(snapshots):
+        (result.files if type(parsed) is SnapshotFile else result.bad).append(parsed)
+    files = result.files
+    if any(a.first_step > b.first_step for a, b in zip(files, files[1:])):  # names of more than 9 digits
+        files.sort(key=lambda f: f.first_step)
     return result
 
 

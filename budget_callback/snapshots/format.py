@@ -17,10 +17,12 @@ list, comma-separated) only when the steps are not ``first_step + i * every``
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass
 
+from ..units import format_bytes
 from ..validate import one_of, positive_int
 
 SNAPSHOT_DTYPES = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2)}
@@ -31,7 +33,6 @@ NAMES = ("unembedding", "embedding")
 MANIFEST = "manifest.json"
 LOCK_FILE = ".budget-callback.lock"
 TMP_MARK = ".tmp-"  # our temporaries: ".<final name>.tmp-<pid>"
-_NAME_RE = re.compile(r"^step_(\d{9,})\.safetensors$")
 _SAFETENSORS_TMP_RE = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")  # safetensors' own (Rust tempfile) temporary
 
 
@@ -41,9 +42,13 @@ def snapshot_name(first_step: int) -> str:
 
 
 def step_of_name(name: str) -> int | None:
-    """The first step a snapshot file name stands for; None for any other name."""
-    match = _NAME_RE.match(name)
-    return int(match.group(1)) if match else None
+    """The first step a snapshot file name (``step_`` and 9 or more decimal digits, ``.safetensors``) stands
+    for; None for any other name. (String tests, not a regular expression: a scan calls this once per file.)"""
+    if name.startswith("step_") and name.endswith(".safetensors"):
+        digits = name[5:-12]
+        if len(digits) >= 9 and digits.isdecimal():
+            return int(digits)
+    return None
 
 
 def is_temporary(name: str) -> bool:
@@ -188,12 +193,81 @@ def image_bytes(layout: SnapshotLayout) -> int:
     return -(-(widest + 64) // PAGE) * PAGE
 
 
+HOST_RAM_SHARE = 0.25  # the snapshot ring holds at most this share of the host RAM available when training starts
+RING_MIN_BUFFERS = 3  # one being filled, one waiting, one being written: the copy overlaps the write
+RING_SAMPLES = 16  # recent writes and snapshot intervals the ring is sized from
+
+
 def ring_size(queue_depth: int) -> int:
-    """Host buffers per matrix: one being filled, ``queue_depth`` waiting for the writer, one being written."""
+    """Host buffers per matrix at most: one being filled, ``queue_depth`` waiting for the writer, one being
+    written."""
     return queue_depth + 2
 
 
-def host_buffer_bytes(layout: SnapshotLayout, queue_depth: int) -> int:
-    """Host RAM the snapshots take: the ring of file images, and a stacked file's K slots while it fills."""
+def host_buffer_bytes(layout: SnapshotLayout, queue_depth: int, buffers: int | None = None) -> int:
+    """Host RAM the snapshots take: ``buffers`` file images (default ``ring_size(queue_depth)``), and a stacked
+    file's K slots while it fills."""
     stack = layout.snapshots_per_file * layout.step_bytes if layout.stacked else 0
-    return ring_size(queue_depth) * image_bytes(layout) + stack
+    return (ring_size(queue_depth) if buffers is None else buffers) * image_bytes(layout) + stack
+
+
+@dataclass(frozen=True)
+class RingCap:
+    """The most file images the snapshot ring may hold (``buffers``), the host RAM that takes with a stacked
+    file's slots (``total_bytes``), and why (``basis``, for people)."""
+
+    buffers: int
+    total_bytes: int
+    basis: str
+    available_bytes: int | None  # host RAM available when training starts; None: not known (the CLI's plan)
+    share: float = HOST_RAM_SHARE
+
+
+def ring_cap(layout: SnapshotLayout, queue_depth: int, available_bytes: int | None,
+             share: float = HOST_RAM_SHARE) -> RingCap:
+    """The ring's cap: ``queue_depth + 2`` file images, or fewer where those would take more than ``share`` of
+    ``available_bytes`` (after a stacked file's slots): as many as fit, never fewer than ``RING_MIN_BUFFERS``
+    (the callback refuses a run where even those do not fit the available RAM at all)."""
+    depth, image = ring_size(queue_depth), image_bytes(layout)
+    stack = host_buffer_bytes(layout, queue_depth, 0)
+    slots = f" + the stacked file's {layout.snapshots_per_file} slots" if stack else ""
+    depth_text = f"queue_depth {queue_depth} + 2"
+    if available_bytes is None:
+        return RingCap(depth, depth * image + stack, f"{depth} file images{slots}: {depth_text}; when training "
+                       f"starts, also at most {share:.0%} of the host RAM available", None, share)
+    fit = max(0, int(available_bytes * share) - stack) // image
+    where = f"{share:.0%} of the {format_bytes(available_bytes)} of host RAM available"
+    if fit >= depth:
+        buffers, basis = depth, f"{depth} file images{slots}: {depth_text}, within {where}"
+    elif fit >= RING_MIN_BUFFERS:
+        buffers, basis = fit, (f"{fit} file images{slots}: as many as fit in {where} ({depth_text} would take "
+                               f"{format_bytes(depth * image + stack)})")
+    else:
+        buffers, basis = RING_MIN_BUFFERS, (f"{RING_MIN_BUFFERS} file images{slots}, the fewest that overlap the "
+                                            f"copy with the write: more than {where}")
+    return RingCap(buffers, buffers * image + stack, basis, available_bytes, share)
+
+
+def ring_buffers(write_seconds, interval_seconds, cap: int) -> tuple[int, str]:
+    """How many buffers the ring may grow to now (at most ``cap``), and why, from the writer's recent times per
+    file (``write_seconds``) and the training's own time between snapshots, waits left out (``interval_seconds``).
+
+    A writer that keeps up on average needs ``2 + ceil(slowest write / interval)`` buffers: one being filled,
+    one being written and those that arrive while the slowest write runs. A writer slower than the snapshots
+    come (steps outrun the disk) cannot be caught up by any number of buffers: they would only postpone the
+    wait, holding RAM, so the ring stays at ``RING_MIN_BUFFERS`` and training waits for the disk (or drops,
+    ``when_behind="drop"``). Until three of each have been measured, ``RING_MIN_BUFFERS``."""
+    least = min(cap, RING_MIN_BUFFERS)
+    writes, intervals = list(write_seconds), sorted(interval_seconds)
+    if len(writes) < 3 or len(intervals) < 3:
+        return least, "not measured yet"
+    mean_write, interval = sum(writes) / len(writes), intervals[len(intervals) // 2]
+    if interval <= 0 or mean_write >= interval:
+        return least, (f"disk-bound: a file takes {mean_write:.3g} s to write, snapshots come every {interval:.3g} s; "
+                       "more buffers would only postpone the wait")
+    need = 2 + math.ceil(max(writes) / interval)
+    if need > cap:
+        return cap, (f"the slowest recent write ({max(writes):.3g} s) spans {need - 2} snapshot intervals of "
+                     f"{interval:.3g} s; the ring is capped at {cap} buffers")
+    return max(least, need), (f"the slowest recent write ({max(writes):.3g} s) spans {need - 2} snapshot "
+                              f"interval(s) of {interval:.3g} s")

@@ -14,6 +14,7 @@ Linux call                     fallback
 ``sync_file_range``            none (the final ``fsync`` writes everything back)
 ``preadv`` / ``RWF_NOWAIT``    ``pread`` per buffer, else ``lseek`` + ``read`` (one pass, no hint)
 libc memory maps               rows read with the call above
+``MADV_POPULATE_WRITE``        none (a result's pages are faulted in by its first write)
 ``fcntl.flock``                an exclusively created lock file (see :mod:`.directory`)
 ``resource`` / ``sysconf``     the bounds' defaults
 =============================  =====================================================================
@@ -27,7 +28,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import importlib
+import mmap
 import os
+import sys
 
 _UNSUPPORTED = (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ESPIPE, errno.EPERM)
 
@@ -145,6 +148,39 @@ def read_into(fd: int, buffers, offset: int) -> int:
             got += len(data)
         done += want
     return done
+
+
+def read_at(fd: int, nbytes: int, offset: int) -> bytes:
+    """Up to ``nbytes`` bytes of ``fd`` from ``offset`` (fewer at the end of the file): ``pread``, else
+    ``lseek`` + ``read`` (the caller must not share ``fd`` between threads then)."""
+    pread = getattr(os, "pread", None)
+    if pread is not None:
+        return pread(fd, nbytes, offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    parts, got = [], 0
+    while got < nbytes:
+        data = os.read(fd, nbytes - got)
+        if not data:
+            break
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)
+
+
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+ (asm-generic/mman-common.h); not in Python's mmap before 3.13
+
+
+def populate_write(address: int, nbytes: int) -> bool:
+    """Fault in, writable, the whole pages of fresh anonymous memory in ``[address, address + nbytes)`` at once
+    (``madvise(MADV_POPULATE_WRITE)``: the page faults a first write would take, without writing). False where
+    it cannot (not Linux 5.14+, no libc): the first write faults them in, as it would anyway."""
+    madvise = libc_function("madvise", ctypes.c_int, (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int))
+    if madvise is None or not sys.platform.startswith("linux"):
+        return False
+    page = mmap.PAGESIZE
+    start, end = -(-address // page) * page, (address + nbytes) // page * page
+    return end <= start or madvise(start, end - start, getattr(mmap, "MADV_POPULATE_WRITE",
+                                                              _MADV_POPULATE_WRITE)) == 0
 
 
 def iov_max() -> int:

@@ -103,6 +103,27 @@ def test_snapshot_storage_is_the_formats_exact_bytes(every, per_file, dtype, ste
     assert s["checkpoint_bytes"] > 0 and s["checkpoints_kept"] == 0 and s["wandb_staging_bytes"] == 0
 
 
+def test_the_snapshot_ring_is_capped_by_the_host_ram_and_says_why():
+    """The cap is what the capture may hold (the callback's session passes the host RAM available at fit start;
+    the CLI knows none), with its basis, in the JSON and on the report's line."""
+    from budget_callback.forecast.report import render
+    from budget_callback.snapshots.format import image_bytes
+    from budget_callback.units import format_bytes
+
+    layout = SnapshotLayout(10_000, 64, "bfloat16", 1, False, True)
+    image = image_bytes(layout)
+    s = forecast(_inputs(snapshot=SnapshotSpec(queue_depth=6))).storage
+    assert (s["host_buffer_images"], s["host_buffer_bytes"], s["host_ram_available_bytes"]) == (8, 8 * image, None)
+    f = forecast(_inputs(snapshot=SnapshotSpec(queue_depth=6, host_ram_bytes=16 * image + 5)))
+    s = f.storage
+    assert (s["host_buffer_images"], s["host_buffer_bytes"], s["host_ram_share"]) == (4, 4 * image, 0.25)
+    assert s["host_buffer_basis"] == (f"4 file images: as many as fit in 25% of the {format_bytes(16 * image + 5)} "
+                                      f"of host RAM available (queue_depth 6 + 2 would take {format_bytes(8 * image)})")
+    line = next(x for x in render(f).splitlines() if "host RAM for the snapshot ring" in x)
+    assert line.endswith(f"{format_bytes(4 * image)}  ({s['host_buffer_basis']})")
+    assert json.loads(json.dumps(f.to_dict()))["storage"]["host_buffer_images"] == 4
+
+
 @pytest.mark.parametrize("share", [True, False])
 def test_checkpoints_and_wandb_staging_count_when_they_share_the_disk(share):
     logging = LoggingSpec(checkpoint_every_n_steps=100, keep_checkpoints=2, log_model="all", console=None)

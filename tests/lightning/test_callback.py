@@ -14,7 +14,7 @@ from budget_callback import BudgetCallback, BudgetExceededError, SnapshotReader
 from budget_callback.forecast.shapes import ModelShape
 from budget_callback.snapshots.format import SnapshotLayout
 from budget_callback.snapshots.schedule import series_bytes
-from helpers import LensLM, LlamaLM, TinyLM, TwoOptimizerLM, token_loader, trainer
+from helpers import LensLM, LlamaLM, TinyLM, TwoOptimizerLM, stall_first_write, token_loader, trainer
 
 
 class RecordW(Callback):
@@ -343,21 +343,8 @@ def test_snapshot_of_step_s_is_w_after_step_s_with_a_slow_writer_and_a_fast_mode
     """The copy runs off the training thread; the next optimizer step waits only until it has read W.
     The disk is held until training has waited for a buffer (event-driven), so copies, queue and
     optimizer steps all overlap."""
-    import threading
-
-    import budget_callback.snapshots.diskio as diskio
-
-    real, gate = diskio.write_snapshot_file, threading.Event()
     cb = BudgetCallback(tmp_path / "s", snapshot_dtype="float32", queue_depth=2)
-
-    def slow(*args, **kwargs):
-        if not gate.is_set():
-            while cb._fit.capture.stats.waits < 1:  # until training found every buffer taken
-                threading.Event().wait(0.01)
-            gate.set()
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(diskio, "write_snapshot_file", slow)
+    stall_first_write(monkeypatch, lambda: cb._fit.capture.stats.waits >= 1)  # until training found every buffer taken
 
     class BeforeNextStep(Callback):
         """W after step s, read when step s + 1 is about to change it (a hook the copy may overlap)."""
@@ -388,3 +375,49 @@ def test_host_ram_forecast_is_the_ring_the_capture_allocates(tmp_path):
     # grown on demand up to the ring the forecast counts (one page-aligned file image each)
     assert cb.forecast.storage["host_buffer_bytes"] == (3 + 2) * 4096
     assert 4096 <= cb._fit.capture.host_bytes <= cb.forecast.storage["host_buffer_bytes"]
+
+
+def test_a_host_ram_share_caps_the_ring_the_capture_allocates_and_every_file_stays_exact(tmp_path, monkeypatch):
+    """A host with little RAM available (the figure is given): the forecast caps the ring at the file images that
+    fit in 25% of it, 4 of queue_depth 6 + 2 = 8, and says so; the capture never holds more, however far the
+    measured pace would let it grow (here: as far as it may) while the disk stalls: training waits, and every
+    file is the exact safetensors bytes of W after its step. The manifest says what the fit used."""
+    import json
+
+    import budget_callback.lightning.capture as capture_module
+    import budget_callback.lightning.session as session_module
+    from budget_callback.snapshots.format import encode_header, image_bytes
+
+    layout = SnapshotLayout(30, 4, "float32")
+    image = image_bytes(layout)
+    monkeypatch.setattr(session_module, "available_ram_bytes", lambda: 16 * image + 100)
+    monkeypatch.setattr(capture_module, "ring_buffers", lambda writes, intervals, cap: (cap, "the test's pace"))
+    cb = BudgetCallback(tmp_path / "s", snapshot_dtype="float32", queue_depth=6)
+    stall_first_write(monkeypatch, lambda: cb._fit.capture.stats.waits >= 1)  # until every buffer is taken
+
+    class AfterEachStep(Callback):
+        def __init__(self):
+            self.seen = {}
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.seen[trainer.global_step] = module.model.lm_head.weight.detach().clone()
+
+    rec = AfterEachStep()
+    shape = ModelShape(vocab_size=30, d_model=4, n_layer=1, n_head=1, n_ctx=8, tied=False)
+    trainer(tmp_path, [cb, rec], max_steps=12).fit(TinyLM(shape), token_loader(vocab=30, n=100))
+    st, stats = cb.forecast.storage, cb._fit.capture.stats
+    assert (st["host_buffer_images"], st["host_buffer_bytes"], st["host_ram_available_bytes"]) == \
+        (4, 4 * image, 16 * image + 100)
+    assert st["host_buffer_basis"].startswith("4 file images: as many as fit in 25% of the")
+    assert stats.waits >= 1 and stats.ring_buffers == 4 and cb._fit.capture.host_bytes == 4 * image
+    for step in range(1, 13):
+        data = (tmp_path / "s" / f"step_{step:09d}.safetensors").read_bytes()
+        header = encode_header(layout.tensors(1), layout.metadata(step, 1, 1))
+        assert data == header + rec.seen[step].numpy().tobytes()
+    assert cb.bytes_written == cb.projected_bytes
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    used = manifest["snapshot_ring"]
+    assert (used["cap_buffers"], used["buffers"], used["bytes"], used["basis"]) == \
+        (4, 4, 4 * image, st["host_buffer_basis"])
+    capped = [e for e in manifest["events"] if e["event"] == "snapshot_ring_capped"]
+    assert [(e["buffers"], e["bytes"]) for e in capped] == [(4, 4 * image)]

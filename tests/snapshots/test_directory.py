@@ -119,6 +119,34 @@ def test_scan_sorts_out_valid_bad_foreign_and_temporaries(tmp_path):
     assert found.run_id == "test-run"
 
 
+@pytest.mark.parametrize("per_file", [1, 3])
+def test_a_scan_compares_headers_yet_finds_what_a_full_check_of_each_finds(tmp_path, per_file):
+    """A scan checks one header of a kind in full and compares the next ones with it byte for byte (but for the
+    first step); a file that differs anywhere else gets the full check: the scan's answer is, file by file, what
+    checking every header by itself gives. Steps 1..120 (one to three digits)."""
+    write_series(tmp_path, SnapshotLayout(6, 2, "float32", per_file), range(1, 121))
+    names = sorted(p.name for p in tmp_path.glob("step_*.safetensors"))
+    step = lambda i: int(names[i][5:14])  # noqa: E731
+    edits = {  # same size, a byte changed: other metadata (valid), another first step, an invalid tensor entry
+        names[3]: (b'"every":"1"', b'"every":"2"'),
+        names[5]: (b'"first_step":"%d"' % step(5), b'"first_step":"%d"' % (step(5) + 1)),
+        names[7]: (b'"shape"', b'"shapE"'),
+    }
+    for name, (old, new) in edits.items():
+        path = tmp_path / name
+        data = path.read_bytes()
+        assert old in data
+        path.write_bytes(data.replace(old, new, 1))
+    (tmp_path / names[11]).write_bytes((tmp_path / names[11]).read_bytes() + b"x")  # one byte more
+    found = scan(tmp_path)
+    alone = [read_snapshot_file(tmp_path / name) for name in names]
+    assert found.files == [f for f in alone if not isinstance(f, BadFile)]
+    assert [(b.path.name, b.reason) for b in found.bad] == [(b.path.name, b.reason) for b in alone
+                                                              if isinstance(b, BadFile)]
+    assert {b.path.name for b in found.bad} == {names[5], names[7], names[11]}
+    assert next(f for f in found.files if f.name == names[3]).every == 2
+
+
 def test_read_snapshot_file_checks_metadata_against_the_name(tmp_path):
     write_series(tmp_path, LAYOUT, [1])
     os.rename(tmp_path / "step_000000001.safetensors", tmp_path / "step_000000005.safetensors")

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from budget_callback.snapshots.format import (SnapshotLayout, encode_header, is_temporary, safetensors_file_bytes,
+from budget_callback.snapshots.format import (RING_MIN_BUFFERS, SnapshotLayout, encode_header, image_bytes,
+                                             is_temporary, ring_buffers, ring_cap, safetensors_file_bytes,
                                              snapshot_name, step_of_name)
 from budget_callback.snapshots.schedule import series_bytes
 
@@ -113,3 +114,50 @@ def test_names_round_trip():
     assert step_of_name(snapshot_name(123)) == 123
     assert step_of_name(snapshot_name(10**12)) == 10**12
     assert step_of_name("notes.safetensors") is None and step_of_name("step_12.safetensors") is None
+
+
+# --- the snapshot ring's size -------------------------------------------------------------------------------------
+LLAMA_HEAD = SnapshotLayout(128_256, 2_048, "bfloat16")  # 525 MB a snapshot
+
+
+def test_the_ring_cap_is_queue_depth_within_a_share_of_the_host_ram():
+    image = image_bytes(LLAMA_HEAD)
+    unknown = ring_cap(LLAMA_HEAD, 4, None)  # the CLI's plan: the training host's RAM is not known
+    assert (unknown.buffers, unknown.total_bytes) == (6, 6 * image)
+    assert unknown.basis == ("6 file images: queue_depth 4 + 2; when training starts, also at most 25% of the host "
+                             "RAM available")
+    roomy = ring_cap(LLAMA_HEAD, 4, 64 << 30)
+    assert (roomy.buffers, roomy.available_bytes) == (6, 64 << 30)
+    assert roomy.basis == "6 file images: queue_depth 4 + 2, within 25% of the 64.00 GiB of host RAM available"
+    tight = ring_cap(LLAMA_HEAD, 4, 8 << 30)  # 2 GiB share: 4 images of 501 MiB
+    assert (tight.buffers, tight.total_bytes) == (4, 4 * image) and (2 << 30) // image == 4
+    assert tight.basis == ("4 file images: as many as fit in 25% of the 8.00 GiB of host RAM available "
+                           "(queue_depth 4 + 2 would take 2.94 GiB)")
+    small = ring_cap(LLAMA_HEAD, 4, 1 << 30)
+    assert small.buffers == RING_MIN_BUFFERS == 3 and small.total_bytes == 3 * image > small.available_bytes // 4
+    assert small.basis.startswith("3 file images, the fewest that overlap the copy with the write: more than 25%")
+
+
+def test_a_stacked_files_slots_come_first_in_the_share():
+    stacked = SnapshotLayout(128_256, 2_048, "bfloat16", snapshots_per_file=2)
+    slots, image = 2 * stacked.step_bytes, image_bytes(stacked)
+    ring = ring_cap(stacked, 4, 12 << 30)  # 3 GiB share: 1 GiB of slots, then the images
+    assert ring.buffers == ((3 << 30) - slots) // image == 4 and ring.total_bytes == 4 * image + slots
+    assert ring.basis.startswith("4 file images + the stacked file's 2 slots: as many as fit in 25% of the 12.00 GiB")
+
+
+@pytest.mark.parametrize("writes, intervals, cap, expected", [
+    ([0.2, 0.2], [1.0, 1.0, 1.0], 8, (3, "not measured yet")),
+    ([0.2, 0.2, 0.2], [1.0, 1.0], 8, (3, "not measured yet")),
+    ([0.2, 0.2, 0.2], [1.0, 1.0, 1.0], 8, (3, "the slowest recent write (0.2 s) spans 1 snapshot interval(s) of 1 s")),
+    ([0.2, 0.2, 2.5], [1.0, 1.0, 1.0], 8, (5, "the slowest recent write (2.5 s) spans 3 snapshot interval(s) of 1 s")),
+    ([0.2, 0.2, 2.5], [1.0, 9.0, 1.0], 4, (4, "the slowest recent write (2.5 s) spans 3 snapshot intervals of 1 s; "
+                                            "the ring is capped at 4 buffers")),
+    ([1.5, 1.5, 1.5], [1.0, 1.0, 1.0], 8, (3, "disk-bound: a file takes 1.5 s to write, snapshots come every 1 s; "
+                                            "more buffers would only postpone the wait")),
+    ([0.1, 0.1, 0.1], [0.0, 0.0, 0.0], 8, (3, "disk-bound: a file takes 0.1 s to write, snapshots come every 0 s; "
+                                            "more buffers would only postpone the wait")),
+])
+def test_the_ring_grows_as_the_measured_pace_asks(writes, intervals, cap, expected):
+    """The writer's time per file against the training's own time between snapshots (their median)."""
+    assert ring_buffers(writes, intervals, cap) == expected

@@ -103,6 +103,70 @@ def test_rows_of_many_tokens_equal_the_matrices(snapshots, tokens):
         assert torch.equal(got[0], r.trajectory(tokens[0]))
 
 
+@pytest.mark.parametrize("dtype,hidden", [("bfloat16", 3), ("float32", 4)])  # 6-byte rows; 16-byte rows (as int64)
+@pytest.mark.parametrize("per_file", [1, 4])
+@pytest.mark.parametrize("strategy", ["runs", "whole"])
+def test_rows_by_either_strategy_equal_the_matrices(tmp_path, monkeypatch, dtype, hidden, per_file, strategy):
+    """Both ways rows() reads, forced by the cost model's constants: the runs of rows, or whole matrices gathered
+    in blocks of steps (blocks, passes and calls made small here, so that 23 steps span several of each and no
+    count divides another), give what load() gives, duplicates and order kept."""
+    V = 40
+    write_series(tmp_path, SnapshotLayout(V, hidden, dtype, per_file), range(1, 24),
+                 fill=lambda step, name: torch.arange(V * hidden, dtype=torch.float32).reshape(V, hidden) + 100 * step)
+    monkeypatch.setattr(reader_module, "_ROW_COST_BYTES" if strategy == "whole" else "_GATHER_ROW_BYTES", 1 << 40)
+    monkeypatch.setattr(reader_module, "_STAGE_STEPS", 5)
+    monkeypatch.setattr(reader_module, "_CALL_ELEMENTS", 7)  # a pass's rows in several calls, a block's too
+    monkeypatch.setattr(reader_module, "_PREFAULT_BYTES", 0)  # the result's pages faulted in by another thread
+    dense = []
+    real = SnapshotReader._rows_dense
+    monkeypatch.setattr(SnapshotReader, "_rows_dense", lambda self, *a: dense.append(1) or real(self, *a))
+    tokens = [39, 0, 7, 8, 9, 21, 7, 30]
+    with SnapshotReader(tmp_path) as r:
+        chunk = 2 * r.matrix_bytes  # two matrices per pass
+        got = r.rows(tokens, chunk_bytes=chunk, gap_bytes=r.row_bytes)  # 7, 8, 9 one run
+        want = torch.stack([r.load(step)[tokens] for step in r.steps], 1)
+        assert got.dtype == getattr(torch, dtype) and torch.equal(got, want)
+        monkeypatch.setattr(reader_module, "_CALL_ELEMENTS", 1 << 20)  # a pass's rows in one call
+        assert torch.equal(r.rows(tokens, chunk_bytes=chunk), want)
+    assert len(dense) == (2 if strategy == "whole" else 0)
+
+
+def test_a_large_result_is_faulted_in_by_another_thread_meanwhile(monkeypatch, io_platform):
+    """rows() hands its result's page faults to another thread (MADV_POPULATE_WRITE, a few pages at a time) while
+    it reads; what the reads write stays; a small result, or a platform without the call, goes without. (The body
+    here waits for the thread, event-driven, so that every call is seen.)"""
+    import threading
+
+    from budget_callback.snapshots import osio
+
+    calls, done, real = [], threading.Event(), osio.populate_write
+
+    def spy(address, nbytes):
+        calls.append((address, nbytes))
+        ok = real(address, nbytes)
+        if not ok or address + nbytes == end:
+            done.set()
+        return ok
+
+    monkeypatch.setattr(osio, "populate_write", spy)
+    monkeypatch.setattr(reader_module, "_PREFAULT_BYTES", 1 << 20)
+    monkeypatch.setattr(reader_module, "_PREFAULT_CHUNK", 64 << 10)
+    small = torch.empty((1 << 20) - 1, dtype=torch.uint8)
+    with reader_module._prefaulted(small):
+        small.fill_(3)
+    assert calls == [] and bool(small.eq(3).all())
+    big = torch.empty(1 << 20, dtype=torch.uint8)
+    start, end = -(-big.data_ptr() // 4096) * 4096, (big.data_ptr() + (1 << 20)) // 4096 * 4096
+    with reader_module._prefaulted(big):
+        big.fill_(7)
+        assert done.wait(60)
+    assert bool(big.eq(7).all())
+    if io_platform == "windows":  # no libc: the first call says so, and the thread stops
+        assert calls == [(start, 64 << 10)]
+    else:  # every whole page of the tensor, in order, 64 KiB at a time
+        assert calls == [(at, min(64 << 10, end - at)) for at in range(start, end, 64 << 10)]
+
+
 def test_cold_reads_after_the_page_cache_is_dropped(snapshots):
     with SnapshotReader(snapshots) as r:
         warm = r.trajectory(4)
@@ -181,6 +245,7 @@ def test_a_long_series_reads_under_a_low_open_files_limit(tmp_path, hard, io_pla
 def bounded(tmp_path, monkeypatch, io_platform):
     """12 files, a reader that keeps at most 3 open and 5 mapped."""
     monkeypatch.setattr(reader_module, "_MAX_OPEN_FILES", 3)
+    monkeypatch.setattr(reader_module, "_MAX_OPEN_FILES_NO_RLIMIT", 3)
     monkeypatch.setattr(reader_module, "_MAX_MAPS", 5)
     write_series(tmp_path, SnapshotLayout(6, 2, "float32"), range(1, 13), fill=_fill)
     return tmp_path
@@ -189,8 +254,9 @@ def bounded(tmp_path, monkeypatch, io_platform):
 def test_reads_past_the_bounds_equal_the_matrices(bounded, io_platform):
     maps = 5 if io_platform == "linux" else 0  # mapped reads need libc's process_vm_readv
     with SnapshotReader(bounded) as r:
-        assert len(r._fds) <= 3 and len(r._maps) == maps
+        assert r._fds == {} and r._maps == {}  # opening reads the headers only
         expected = torch.stack([r.load(step)[4] for step in r.steps])
+        assert len(r._fds) <= 3 and len(r._maps) == maps  # files are mapped as reads first open them
         assert torch.equal(r.trajectory(4), expected) and r._warm["unembedding"] == (io_platform == "linux")
         assert torch.equal(r.trajectory(4), expected)  # five files from the mappings, seven with preadv
         got = r.rows(torch.tensor([4, 1, 4]))
@@ -200,20 +266,39 @@ def test_reads_past_the_bounds_equal_the_matrices(bounded, io_platform):
 
 
 def test_a_file_replaced_after_its_descriptor_was_closed_is_named(bounded):
-    """A file opened again must be the one indexed: a replacement (other offsets) is an error, not wrong rows."""
+    """A file opened again must be the one indexed: a replacement (other offsets) is an error, not wrong rows. At
+    its first opening a file must have the size and the header bytes read when the reader opened; from then on the
+    same device, inode, size and mtime."""
     r = SnapshotReader(bounded)
-    assert r.steps.index(6) not in r._fds and r.steps.index(7) not in r._fds  # not among the files kept open
+    assert r._fds == {}  # opening read the headers only
+    before = {step: r.load(step) for step in (1, 2, 6, 8)}  # 1 and 2 stay open; 6, then 8, in the spare slot
+    assert r.steps.index(6) not in r._fds and r.steps.index(7) not in r._fds
     name = "step_000000006.safetensors"
     data = (bounded / name).read_bytes()
-    os.utime(bounded / name, ns=(0, 0))  # rewritten in place: another mtime
-    with pytest.raises(OSError, match=name):
+    os.utime(bounded / name, ns=(0, 0))  # rewritten in place since its first opening: another mtime
+    with pytest.raises(OSError, match=f"{name} was replaced"):
         r.load(6)
     assert (bounded / name).read_bytes() == data
-    other = bounded / "step_000000007.safetensors"
-    os.replace(bounded / "step_000000012.safetensors", other)  # another file, same size
+    other = bounded / "step_000000007.safetensors"  # never opened by the reader
+    os.replace(bounded / "step_000000012.safetensors", other)  # another file, same size: another header
     with pytest.raises(OSError, match=f"{other.name} was replaced"):
         r.load(7)
     assert torch.equal(r.load(5), torch.full((6, 2), 5.0) + torch.arange(12.0).reshape(6, 2))
+    assert torch.equal(r.load(8), before[8])
+    r.close()
+
+
+def test_a_file_rewritten_in_place_before_its_first_opening_is_named(bounded):
+    """Same size, another header (another first step), written in place (same inode) before the reader first
+    opened it: the header read again at its first opening differs."""
+    r = SnapshotReader(bounded)
+    name, other = "step_000000009.safetensors", (bounded / "step_000000010.safetensors").read_bytes()
+    with open(bounded / name, "r+b") as fh:
+        fh.write(other)
+    with pytest.raises(OSError, match=f"{name} was replaced"):
+        r.load(9)
+    with pytest.raises(OSError, match=f"{name} was replaced"):
+        r.trajectory(0)
     r.close()
 
 
@@ -232,8 +317,11 @@ def test_a_mapped_file_cut_after_its_descriptor_was_closed_is_an_error(bounded, 
 _CUT_UNDER_THE_MAP_CHILD = """
 import json, os, sys
 import torch
+from budget_callback.snapshots import reader as reader_module
 from budget_callback.snapshots.reader import SnapshotReader
 directory, token = sys.argv[1], int(sys.argv[2])
+if sys.argv[3] == "mapped":  # no file kept open: each is read from its map once warm
+    reader_module._MAX_OPEN_FILES = reader_module._MAX_OPEN_FILES_NO_RLIMIT = 1
 r = SnapshotReader(directory)
 first = r.trajectory(token)  # the files left the page cache as they were written: read with preadv
 r.trajectory(token)  # every row cached now: the next reads come from the maps (on Linux)
@@ -247,21 +335,22 @@ except OSError as err:
 """
 
 
-def test_a_file_cut_under_its_mapping_is_an_error_not_sigbus(tmp_path, io_platform):
+@pytest.mark.parametrize("kept", ["mapped", "open"])
+def test_a_file_cut_under_its_mapping_is_an_error_not_sigbus(tmp_path, io_platform, kept):
     """Truncated in place between two warm trajectories: the row's page is past the file's new end. A copy made
     by the process itself (the reader's old mapped reads) died there of SIGBUS, killing the process; the kernel's
-    copy (process_vm_readv) reports it, and the preadv that follows names the file. Run in a child process so
-    that a SIGBUS shows as its exit status."""
+    copy (process_vm_readv) reports it, and the preadv that follows names the file. Files the reader keeps open
+    are read with preadv, which reads short. Run in a child process so that a SIGBUS shows as its exit status."""
     layout = SnapshotLayout(1000, 64, "float32")  # 256 kB per file: row 900 lies 56 pages in
     write_series(tmp_path, layout, range(1, 4), fill=lambda step, name: torch.full((1000, 64), float(step)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
     child = platforms.child_prelude(io_platform, TESTS) + _CUT_UNDER_THE_MAP_CHILD
-    proc = subprocess.run([sys.executable, "-c", child, str(tmp_path), "900"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", child, str(tmp_path), "900", kept], capture_output=True, text=True,
                           env=env, timeout=300)
     assert proc.returncode == 0, f"exit status {proc.returncode}: {proc.stderr[-2000:]}"
     got = json.loads(proc.stdout)
     assert got["raised"] is not None and "step_000000002.safetensors" in got["raised"], got
-    assert got["same"] and got["maps"] == (3 if io_platform == "linux" else 0)
+    assert got["same"] and got["maps"] == (3 if io_platform == "linux" and kept == "mapped" else 0)
 
 
 # --- token ids: numpy and torch integers ----------------------------------------------------------------------------
