@@ -70,6 +70,62 @@ class Wrapped(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), foreach=False)
 
 
+class HuggingFaceLM(L.LightningModule):
+    """A Hugging Face model built from its config (no weights) and trained on its own ``.loss``; AdamW on the
+    parameters that train (a LoRA model's adapters)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch, batch_idx):
+        return self.model(input_ids=batch[0], labels=batch[1]).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], foreach=False)
+
+
+def _bert_mlm() -> HuggingFaceLM:
+    import transformers as T
+
+    return HuggingFaceLM(T.BertForMaskedLM(T.BertConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2,
+                                                          num_attention_heads=4, intermediate_size=128,
+                                                          max_position_embeddings=128)))
+
+
+def _t5() -> HuggingFaceLM:
+    import transformers as T
+
+    return HuggingFaceLM(T.T5ForConditionalGeneration(T.T5Config(vocab_size=V, d_model=64, d_kv=16, d_ff=128,
+                                                                   num_layers=2, num_heads=4,
+                                                                   decoder_start_token_id=0)))
+
+
+def _lora_llama() -> HuggingFaceLM:
+    import peft
+    import transformers as T
+
+    base = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2))
+    lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    return HuggingFaceLM(peft.get_peft_model(base, lora))
+
+
+HUGGING_FACE = {"bert_mlm": _bert_mlm, "t5": _t5, "lora_llama": _lora_llama}  # need transformers (and peft)
+
+
+def bert_mlm():
+    return _bert_mlm()
+
+
+def t5():
+    return _t5()
+
+
+def lora_llama():
+    return _lora_llama()
+
+
 FACTORIES = {
     "llama": lambda: LlamaLM(vocab=V, d=64, layers=2),
     "untyped_gpt": UntypedGPT,

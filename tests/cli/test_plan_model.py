@@ -58,6 +58,24 @@ def test_plan_model_is_the_callbacks_own_forecast_of_the_same_run(tmp_path, caps
     assert any(n == f"model: --model plan_models:{name}" for n in planned["notes"])
 
 
+@pytest.mark.parametrize("name", ["bert_mlm", "t5", "lora_llama"])
+def test_plan_model_of_hugging_face_models_is_the_callbacks_own_forecast(tmp_path, capsys, name):
+    """BERT masked LM, T5 (encoder-decoder) and a peft LoRA Llama through `--model`, where transformers (and
+    peft) are installed: they are optional, never dependencies."""
+    pytest.importorskip("transformers", reason="these models need transformers (optional)")
+    if name == "lora_llama":
+        pytest.importorskip("peft", reason="a LoRA model needs peft (optional)")
+    import plan_models
+
+    code, planned = _plan(capsys, "--model", f"plan_models:{name}", *RUN)
+    torch.manual_seed(0)
+    fitted = _fit_forecast(tmp_path, plan_models.HUGGING_FACE[name]())
+    assert code == 0
+    assert planned["memory"]["peak_bytes"] == fitted["memory"]["peak_bytes"] > 0
+    assert planned["memory"]["activations_method"] == fitted["memory"]["activations_method"]
+    assert planned["params"]["total"] == fitted["params"]["total"]
+
+
 def test_a_plain_module_is_trained_on_the_cross_entropy_of_its_logits(tmp_path, capsys):
     import plan_models
 
