@@ -164,5 +164,16 @@ def core():
     return Core()
 
 
+class CoreDict(Core):
+    """``Core`` returning ``{"logits": ...}``, as many plain modules do."""
+
+    def forward(self, x):
+        return {"logits": super().forward(x)}
+
+
+def core_dict():
+    return CoreDict()
+
+
 def not_a_module():
     return 42

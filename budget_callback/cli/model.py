@@ -126,6 +126,8 @@ def _lm_loss(vocab: int):
                 return out.loss
         except TypeError:
             out = module(x)
+        if isinstance(out, dict):  # {"logits": ...} or a ModelOutput without a loss
+            out = out["logits"] if "logits" in out else next(iter(out.values()))
         if isinstance(out, (tuple, list)):
             out = out[0]
         logits = getattr(out, "logits", out)
@@ -171,7 +173,11 @@ def build_model(args: Any) -> PlannedModel:
     if args.batch:
         make = _load(args.batch, "--batch")
         with torch.device("meta"):
-            batch = make(args.batch_size, seq)
+            try:
+                batch = make(args.batch_size, seq)
+            except Exception as err:  # noqa: BLE001 - the user's function: say what failed
+                raise ModelError(f"--batch: {args.batch}(batch_size, seq_len) raised {type(err).__name__}: "
+                                 f"{str(err)[:200]}") from err
     else:
         shape = (args.batch_size, seq)
         batch = (torch.empty(shape, dtype=torch.long, device="meta"), torch.empty(shape, dtype=torch.long, device="meta"))

@@ -210,6 +210,8 @@ def _main(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     if args.model or args.hf_config:
         return _print(args, *_plan_model(args, parser))
+    if args.batch:
+        parser.error("--batch is the batch of --model or --hf-config: give one of them")
     try:
         inputs = _inputs(args, _shape(args, parser))
     except ValueError as err:

@@ -7,6 +7,7 @@ disk, no network here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ..snapshots.format import SnapshotLayout, ring_cap
@@ -237,6 +238,9 @@ class Measured:
     memory_known: bool = True  # False: the step could not be traced nor estimated (``memory`` is a lower bound)
     memory_basis: str = ""  # said beside the memory verdict: an estimate, or why the memory is unknown
     sharded: ShardedModel | None = None  # FSDP2: this device's shards and gathered units (the trace is unsharded)
+    # the step traced again at another micro-batch (its trace dict): the largest micro-batch that fits is decided
+    # by traces, the slope only guesses (None: on the line)
+    retrace: Callable[[int], dict] | None = field(default=None, repr=False, compare=False)
 
 
 def forecast(inputs: PlanInputs, measured: Measured | None = None, free_disk_bytes: int | None = None) -> Forecast:
@@ -278,7 +282,7 @@ def forecast(inputs: PlanInputs, measured: Measured | None = None, free_disk_byt
                 mem["max_batch_size"] = max_batch_size_traced(anchor, measured.trace_per_sample, anchor_batch, setup,
                                                               budget_memory, capture,
                                                               exact={setup.micro_batch_size: measured.trace},
-                                                              sharded=measured.sharded)
+                                                              sharded=measured.sharded, retrace=measured.retrace)
             mem["min_devices"] = min_devices_traced(measured.trace, setup, budget_memory, capture,
                                                     sharded=measured.sharded)
         mem["mode"] = measured.mode

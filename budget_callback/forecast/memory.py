@@ -31,6 +31,8 @@ blocks only (:func:`compiled_unsupported` says why not otherwise).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from dataclasses import asdict, dataclass
 
 from ..validate import one_of, positive_int
@@ -575,14 +577,72 @@ def trace_at_blocks(low: dict, high: dict, blocks: int, at: tuple[int, int] = (1
 
 def max_batch_size_traced(trace: dict, per_sample: dict[str, int], batch_from: int, setup: TrainSetup,
                           budget_bytes: int, capture_bytes: int = 0, limit: int = 1 << 20,
-                          exact: dict[int, dict] | None = None, sharded: ShardedModel | None = None) -> int | None:
-    """Largest micro-batch whose traced peak fits ``budget_bytes`` (activations linear in the batch, on the line
-    through ``trace`` at ``batch_from``). ``exact``: traces at other micro-batches, taken as they are there (a
-    compiled step is on its line only from 3 on, so the line starts at 3 or more and the run's own is exact)."""
-    def fits(b: int) -> bool:
-        at = (exact or {}).get(b) or trace_at_batch(trace, per_sample, batch_from, b)
-        return peak_memory_from_trace(at, setup, capture_bytes, sharded)["peak_bytes"] <= budget_bytes
-    return _largest(fits, limit)
+                          exact: dict[int, dict] | None = None, sharded: ShardedModel | None = None,
+                          retrace: Callable[[int], dict] | None = None) -> int | None:
+    """Largest micro-batch whose traced peak fits ``budget_bytes``. ``exact``: traces at other micro-batches,
+    taken as they are there (a compiled step is on its line only from 3 on, so the line starts at 3 or more and
+    the run's own is exact).
+
+    Without ``retrace``, on the line through ``trace`` at ``batch_from``. A phase's peak is the largest of its
+    moments, each linear in the batch: the line through two nearby micro-batches bends up further out (another
+    moment takes over the peak) and the line alone can name a micro-batch that does not fit (Lightning's demo
+    Transformer: 351 on the line at 4 GiB, 256 traced). With ``retrace(b)`` (the step traced at micro-batch b)
+    the line only gives the first guess: the answer is the largest micro-batch whose own trace fits and the next
+    one's does not, found between traced micro-batches (a secant between a traced one that fits and one that
+    does not lies above the peaks between them, so its guesses fit; usually two or three traces)."""
+    def peak(at: dict) -> int:
+        return peak_memory_from_trace(at, setup, capture_bytes, sharded)["peak_bytes"]
+
+    def on_line(b: int) -> bool:
+        return peak((exact or {}).get(b) or trace_at_batch(trace, per_sample, batch_from, b)) <= budget_bytes
+    guess = _largest(on_line, limit)
+    if retrace is None:
+        return guess
+    traced = {batch_from: peak(trace), **{b: peak(t) for b, t in (exact or {}).items()}}
+
+    def at(b: int) -> int:
+        if b not in traced:
+            traced[b] = peak(retrace(b))
+        return traced[b]
+    return _largest_traced(at, budget_bytes, guess or 1, limit)
+
+
+def _largest_traced(at: Callable[[int], int], budget: int, guess: int, limit: int, rounds: int = 24) -> int | None:
+    """Largest b in [1, limit] with at(b) <= budget, ``at`` convex and rising in b: brackets (fits, does not)
+    from ``guess`` outwards, then closed by secant guesses (bisection where a secant does not help)."""
+    guess = max(1, min(guess, limit))
+    if at(guess) <= budget:
+        lo, hi, step = guess, guess + 1, 1
+        while hi <= limit and at(hi) <= budget:
+            lo, step = hi, step * 2
+            hi = min(lo + step, limit + 1)
+        if hi > limit:
+            return lo
+    else:
+        hi, lo, step = guess, guess - 1, 1
+        while lo >= 1 and at(lo) > budget:
+            hi, step = lo, step * 2
+            lo = max(0, hi - step)
+        if lo < 1:
+            return None
+    for _ in range(rounds):  # at(lo) <= budget < at(hi)
+        if hi - lo <= 1:
+            return lo
+        rise = at(hi) - at(lo)
+        mid = lo + (budget - at(lo)) * (hi - lo) // max(1, rise)
+        if not lo < mid < hi:
+            mid = (lo + hi) // 2
+        if at(mid) <= budget:
+            lo = mid
+            if at(mid + 1) > budget:
+                return mid
+            lo = mid + 1
+        else:
+            hi = mid
+    while hi - lo > 1:  # a step whose peak is far from a line: bisection
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if at(mid) <= budget else (lo, mid)
+    return lo
 
 
 def min_devices_traced(trace: dict, setup: TrainSetup, budget_bytes: int, capture_bytes: int = 0,

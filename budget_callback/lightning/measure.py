@@ -80,6 +80,7 @@ class _Traced:
     notes: list[str] = field(default_factory=list)
     known: bool = True  # False: neither traced nor estimated; ``memory`` holds the model states only
     basis: str = ""  # beside the memory verdict: an estimate, or why it is unknown
+    retrace: Any = None  # retrace(b): the step traced at micro-batch b (the largest that fits is decided by traces)
 
 
 def measure_module(module: nn.Module, batch: Any, ctx: StepContext, declared: ModelShape | None = None
@@ -107,7 +108,7 @@ def measure_module(module: nn.Module, batch: Any, ctx: StepContext, declared: Mo
     measured = Measured(n_params, n_tensors, R.state_dict_entries(module), traced.memory,
                         traced.flops if declared is None else None, traced.method, traced.trace, traced.per_sample,
                         found, traced.anchor, traced.mode, traced.known, traced.basis,
-                        ctx.sharded if traced.trace is not None else None)
+                        ctx.sharded if traced.trace is not None else None, traced.retrace)
     return measured, notes + traced.notes
 
 
@@ -228,7 +229,7 @@ def _trace(module: nn.Module, batch: Any, ctx: StepContext, regions: list | None
                 anchor = None if at[0] == B else (at[0], traces[at[0]])
             return _Traced(peak_memory_from_trace(first, setup, capture, sharded), first["train_flops"] // max(1, B),
                            trace.method(COMPILED_METHOD), first, per_sample, anchor, "compiled",
-                           notes + [_compiled_note(regions)])
+                           notes + [_compiled_note(regions)], retrace=_retrace(trace, batch, B, True))
         except Exception as err:  # noqa: BLE001 - said in the report; the eager trace is the safe side
             notes.append(f"compiled step could not be traced ({type(err).__name__}: {str(err)[:200]}): "
                          "forecast as eager, which is higher")
@@ -250,7 +251,18 @@ def _trace(module: nn.Module, batch: Any, ctx: StepContext, regions: list | None
         notes.append(f"traced unsharded; per device under FSDP2 ({sharded.units} fully_shard units): this rank's "
                      "shards and the root unit gathered through the step")
     return _Traced(peak_memory_from_trace(first, setup, capture, sharded), first["train_flops"] // max(1, B),
-                   trace.method(EAGER_METHOD), first, per_sample, notes=notes)
+                   trace.method(EAGER_METHOD), first, per_sample, notes=notes, retrace=_retrace(trace, batch, B, False))
+
+
+def _retrace(trace: _Tracer, batch: Any, B: int, compiled: bool):
+    """The step traced again at micro-batch b (each b once)."""
+    done: dict[int, dict] = {}
+
+    def at(b: int) -> dict:
+        if b not in done:
+            done[b] = trace([resize_batch(batch, B, b)], compiled)[0]
+        return done[b]
+    return at
 
 
 def _untraced(module: nn.Module, ctx: StepContext, err: Exception, notes: list[str]) -> _Traced:

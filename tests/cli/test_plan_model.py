@@ -76,6 +76,13 @@ def test_plan_model_of_hugging_face_models_is_the_callbacks_own_forecast(tmp_pat
     assert planned["params"]["total"] == fitted["params"]["total"]
 
 
+def test_a_plain_module_returning_a_dict_of_logits_is_traced_as_one_returning_them(capsys):
+    _, plain = _plan(capsys, "--model", "plan_models:core", *RUN)
+    _, as_dict = _plan(capsys, "--model", "plan_models:core_dict", *RUN)
+    assert as_dict["memory"]["activations_method"].startswith("traced")
+    assert as_dict["memory"]["peak_bytes"] == plain["memory"]["peak_bytes"]
+
+
 def test_a_plain_module_is_trained_on_the_cross_entropy_of_its_logits(tmp_path, capsys):
     import plan_models
 
@@ -93,12 +100,28 @@ def test_largest_micro_batch_and_fewest_devices_come_from_the_traced_slope(capsy
     assert fsdp["memory"]["max_batch_size"] >= small["memory"]["max_batch_size"]
 
 
+def test_the_largest_micro_batch_named_fits_and_the_next_does_not(capsys):
+    """The promise, planned at the sizes it names (Lightning's demo Transformer: on the line through 19 and 20 it
+    was 351, whose own plan is 5.8 GB against 4 GiB)."""
+    run = ["--model", "lightning.pytorch.demos:LightningTransformer", "--seq-len", "35", "--precision", "32-true",
+           "--steps", "10", "--memory-budget", "4GiB", "--json"]
+    _, small = _plan(capsys, *run, "--batch-size", "20")
+    largest = small["memory"]["max_batch_size"]
+    _, at = _plan(capsys, *run, "--batch-size", str(largest))
+    _, over = _plan(capsys, *run, "--batch-size", str(largest + 1))
+    assert largest > 20 and at["decision"] == "fits" and over["decision"] == "abort"
+    assert at["memory"]["max_batch_size"] == over["memory"]["max_batch_size"] == largest  # asked at any size
+
+
 @pytest.mark.parametrize("args,says", [
     (["--model", "plan_models"], "--model takes MODULE:CALLABLE"),
     (["--model", "no_such_module:f"], "--model: cannot import 'no_such_module'"),
     (["--model", "plan_models:nothing_here"], "--model: 'plan_models' has no 'nothing_here'"),
     (["--model", "plan_models:not_a_module"], "returned int, not a LightningModule or an nn.Module"),
     (["--model", "plan_models:llama", "--preset", "gpt2"], "give one model"),
+    (["--model", "plan_models:core", "--batch", "plan_models:core"],
+     "--batch: plan_models:core(batch_size, seq_len) raised TypeError"),
+    (["--preset", "gpt2-tiny", "--batch", "plan_models:nothing_here"], "--batch is the batch of --model"),
 ])
 def test_bad_model_input_exits_2_naming_the_flag(capsys, args, says):
     cwd = os.getcwd()

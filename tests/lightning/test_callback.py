@@ -148,12 +148,17 @@ def test_traced_forecast_of_a_module_that_declares_no_shape(tmp_path):
     assert "single device (forecast as ddp)" in head and "V=" not in head
     mem = f.memory
     assert mem["max_batch_size"] > 4 and mem["min_devices"] == 1
-    from budget_callback.forecast.memory import peak_memory_from_trace, trace_at_batch
-    trace, slope, setup = mem["trace"], mem["trace_per_sample"], f.inputs.setup
-    assert slope["forward_peak_bytes"] > 0  # activations grow with the batch
-    fits = peak_memory_from_trace(trace_at_batch(trace, slope, 4, mem["max_batch_size"]), setup)
-    over = peak_memory_from_trace(trace_at_batch(trace, slope, 4, mem["max_batch_size"] + 1), setup)
-    assert fits["peak_bytes"] <= 64 * 2**20 < over["peak_bytes"]
+    from budget_callback.forecast.memory import peak_memory_from_trace
+    from budget_callback.lightning.tracing import trace_training_step_memory
+    assert mem["trace_per_sample"]["forward_peak_bytes"] > 0  # activations grow with the batch
+    model, setup = LlamaLM(), f.inputs.setup
+
+    def traced_peak(b):  # the step itself traced at micro-batch b, not the line's guess
+        x = torch.randint(0, 64, (b, 8))
+        return peak_memory_from_trace(trace_training_step_memory(
+            model, (x, x), lambda m, batch: m.training_step(batch, 0), optimizer=model.configure_optimizers()),
+            setup)["peak_bytes"]
+    assert traced_peak(mem["max_batch_size"]) <= 64 * 2**20 < traced_peak(mem["max_batch_size"] + 1)
 
 
 def test_manual_optimization_of_a_traced_module(tmp_path):
