@@ -70,6 +70,19 @@ class Wrapped(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), foreach=False)
 
 
+class OneCycle(LlamaLM):
+    """SGD with momentum and ``OneCycleLR`` over the Trainer's estimated steps (the pattern Lightning documents):
+    ``configure_optimizers()`` asks the Trainer."""
+
+    def __init__(self) -> None:
+        super().__init__(vocab=V, d=64, layers=2)
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=self.trainer.estimated_stepping_batches)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 class HuggingFaceLM(L.LightningModule):
     """A Hugging Face model built from its config (no weights) and trained on its own ``.loss``; AdamW on the
     parameters that train (a LoRA model's adapters)."""
@@ -133,6 +146,7 @@ FACTORIES = {
     "manual": lambda: TwoOptimizerLM(ModelShape(vocab_size=V, d_model=64, n_layer=2, n_head=4, n_ctx=64, tied=False)),
     "lens": lambda: LensLM(vocab=V, d=64),
     "demo": Demo,
+    "onecycle": OneCycle,
 }
 
 
@@ -158,6 +172,10 @@ def lens():
 
 def demo():
     return FACTORIES["demo"]()
+
+
+def onecycle():
+    return FACTORIES["onecycle"]()
 
 
 def core():

@@ -20,6 +20,8 @@ Imports torch, Lightning and the user's code: the rest of ``plan`` imports neith
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib
 import os
 import sys
@@ -106,6 +108,21 @@ def _optimizers_of(module: nn.Module) -> list[torch.optim.Optimizer]:
     return found
 
 
+@contextlib.contextmanager
+def _stand_in_trainer(module: nn.Module, args: Any):
+    """``module.trainer`` while ``configure_optimizers()`` runs: what the plan knows of the run, nothing else."""
+    from types import SimpleNamespace
+
+    stand_in = SimpleNamespace(estimated_stepping_batches=args.steps, max_steps=args.steps, max_epochs=None,
+                               accumulate_grad_batches=args.grad_accum, num_devices=args.devices,
+                               num_nodes=args.num_nodes, world_size=args.devices * args.num_nodes)
+    module._trainer = stand_in
+    try:
+        yield
+    finally:
+        module._trainer = None
+
+
 def _cli_optimizer(args: Any, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     name = args.optimizer
     if name == "sgd":
@@ -163,9 +180,15 @@ def build_model(args: Any) -> PlannedModel:
         try:
             with torch.device("meta"):
                 optimizers = _optimizers_of(obj)
-        except Exception as err:  # noqa: BLE001 - a scheduler that asks the Trainer, a fused optimizer on meta
-            notes.append(f"configure_optimizers() could not run without a Trainer ({type(err).__name__}: "
-                         f"{str(err)[:120]}): traced with --optimizer {args.optimizer}")
+        except Exception:  # noqa: BLE001 - a scheduler that asks the Trainer (OneCycleLR's total steps)
+            try:
+                with torch.device("meta"), _stand_in_trainer(obj, args):
+                    optimizers = _optimizers_of(obj)
+                notes.append("configure_optimizers() asked for the Trainer: it ran with a stand-in that knows the "
+                             "run's flags (estimated_stepping_batches = --steps)")
+            except Exception as err:  # noqa: BLE001 - something else the plan cannot stand in for
+                notes.append(f"configure_optimizers() could not run without a Trainer ({type(err).__name__}: "
+                             f"{str(err)[:120]}): traced with --optimizer {args.optimizer}")
     if optimizers is None:
         optimizers = [_cli_optimizer(args, params)]
     vocab = _vocab(obj)
@@ -239,7 +262,7 @@ def measure_planned(planned: PlannedModel, inputs: PlanInputs) -> tuple[Measured
     setup = inputs.setup
     declared = R.find_shape(module)
     shape = declared or ModelShape(vocab_size=V, d_model=D, n_layer=1, n_head=1, n_ctx=setup.seq_len or 1,
-                                   tied=tied, name=type(module).__name__)
+                                   tied=tied, name=type(getattr(module, "_orig_mod", module)).__name__)
     snap = inputs.snapshot
     layout = SnapshotLayout(V, D, snap.dtype, snap.snapshots_per_file, snap.include_embedding, tied)
     sharded = planned_fsdp(module, setup.world_size) if setup.strategy == "fsdp" and setup.world_size > 1 else None

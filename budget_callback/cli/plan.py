@@ -246,6 +246,14 @@ def _plan_model(args: argparse.Namespace, parser: argparse.ArgumentParser):
         planned = build_model(args)
         measured, shape, notes = measure_planned(planned, inputs)
         inputs = replace(inputs, shape=shape, setup=_optimizer_of(planned, inputs))
+        analytic_only = [flag for flag, given in (("--activation-checkpointing", args.activation_checkpointing),
+                                                  ("--keep-logits", args.keep_logits),
+                                                  ("--no-flash-attention", not args.flash_attention)) if given]
+        if analytic_only:  # settings of the analytic model: the traced step is the model's own code
+            notes.append(f"{', '.join(analytic_only)} ignored: settings of the analytic model; the traced step is "
+                         "your model's own code (checkpoint or keep logits there)")
+            inputs = replace(inputs, setup=replace(inputs.setup, activation_checkpointing=False, keep_logits=False,
+                                                   flash_attention=True))
     except ModelError as err:
         parser.error(str(err))
     except ValueError as err:

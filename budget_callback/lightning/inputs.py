@@ -388,7 +388,8 @@ def describe_module(module: nn.Module, layout) -> dict:
     stacks = [m for m in module.modules() if isinstance(m, nn.ModuleList) and len(m) and len({type(c) for c in m}) == 1]
     stack = max(stacks, key=len, default=None)
     layer_params = sum(p.numel() for p in stack[0].parameters()) if stack is not None else None
-    return {"name": type(module).__name__, "declared": False, "parameters": counts["total"],
+    name = type(getattr(module, "_orig_mod", module)).__name__  # torch.compile's wrapper: the model it wraps
+    return {"name": name, "declared": False, "parameters": counts["total"],
             "tensors": counts["tensors"], "layers": len(stack) if stack is not None else None,
             "layer_params": layer_params, "tied": layout.tied, "vocab_size": layout.vocab_size,
             "hidden_dim": layout.hidden_dim}

@@ -40,7 +40,7 @@ def _fit_forecast(tmp_path, module):
     return cb.forecast.to_dict()
 
 
-@pytest.mark.parametrize("name", ["llama", "untyped_gpt", "deep_gpt", "manual", "lens", "demo"])
+@pytest.mark.parametrize("name", ["llama", "untyped_gpt", "deep_gpt", "manual", "lens", "demo", "onecycle"])
 def test_plan_model_is_the_callbacks_own_forecast_of_the_same_run(tmp_path, capsys, name):
     import plan_models
 
@@ -81,6 +81,24 @@ def test_a_plain_module_returning_a_dict_of_logits_is_traced_as_one_returning_th
     _, as_dict = _plan(capsys, "--model", "plan_models:core_dict", *RUN)
     assert as_dict["memory"]["activations_method"].startswith("traced")
     assert as_dict["memory"]["peak_bytes"] == plain["memory"]["peak_bytes"]
+
+
+def test_analytic_settings_are_said_to_be_ignored_for_a_traced_model(capsys):
+    _, plain = _plan(capsys, "--model", "plan_models:llama", *RUN)
+    _, flagged = _plan(capsys, "--model", "plan_models:llama", *RUN, "--activation-checkpointing", "--keep-logits")
+    assert flagged["memory"]["peak_bytes"] == plain["memory"]["peak_bytes"]
+    assert flagged["run"]["activation_checkpointing"] is False and flagged["run"]["keep_logits"] is False
+    assert any(n.startswith("--activation-checkpointing, --keep-logits ignored") for n in flagged["notes"])
+
+
+def test_a_compiled_plain_module_is_reported_under_its_own_name(capsys):
+    cwd = os.getcwd()
+    os.chdir(TESTS)
+    try:
+        main(["plan", "--model", "plan_models:core", "--batch-size", "2", "--seq-len", "16", "--compile"])
+    finally:
+        os.chdir(cwd)
+    assert capsys.readouterr().out.startswith("Core (traced):")
 
 
 def test_a_plain_module_is_trained_on_the_cross_entropy_of_its_logits(tmp_path, capsys):
