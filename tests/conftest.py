@@ -45,6 +45,8 @@ SLOW_TESTS = {  # "path::test name" (every parametrization) -> why
     "snapshots/test_schedule.py::test_projection_equals_the_files_the_rule_makes": "writes every file the rule makes",
     "lightning/test_tracing.py::test_analytic_forecast_within_3_percent_of_the_trace_for_every_preset": "GPT-2 XL",
     "lightning/test_callback.py::test_manual_optimization_with_two_optimizers": "several fits per case",
+    "cli/test_plan_model.py::test_the_largest_micro_batch_named_fits_and_the_next_does_not": "three plans of a "
+    "33,278-word Transformer, each tracing the sizes it names",
     "lightning/test_callback.py::test_downsample_picks_smallest_fitting_interval_and_says_so": "several fits",
     "lightning/test_callback.py::test_llama_style_untied_head_of_any_name": "a traced Llama-style fit per name",
     "lightning/test_callback.py::test_gradient_accumulation_counts_optimizer_steps": "several fits",

@@ -83,6 +83,19 @@ class OneCycle(LlamaLM):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+class BatchTable(LlamaLM):
+    """A step that runs only up to micro-batch 64: a table indexed by the batch dimension (Lightning 2.2's demo
+    Transformer adds its 5,000 positions along the batch)."""
+
+    def __init__(self) -> None:
+        super().__init__(vocab=V, d=64, layers=2)
+        self.register_buffer("table", torch.zeros(64, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return super().training_step(batch, batch_idx) + (self.table[: x.shape[0]] * x.float()).mean() * 0
+
+
 class HuggingFaceLM(L.LightningModule):
     """A Hugging Face model built from its config (no weights) and trained on its own ``.loss``; AdamW on the
     parameters that train (a LoRA model's adapters)."""
@@ -176,6 +189,10 @@ def demo():
 
 def onecycle():
     return FACTORIES["onecycle"]()
+
+
+def batch_table():
+    return BatchTable()
 
 
 def core():

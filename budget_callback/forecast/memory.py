@@ -602,9 +602,20 @@ def max_batch_size_traced(trace: dict, per_sample: dict[str, int], batch_from: i
 
     def at(b: int) -> int:
         if b not in traced:
-            traced[b] = peak(retrace(b))
+            try:
+                traced[b] = peak(retrace(b))
+            except Exception as err:  # noqa: BLE001 - a step that cannot run at b (a table sized for less)
+                raise _NotTraced from err
         return traced[b]
-    return _largest_traced(at, budget_bytes, guess or 1, limit)
+    try:
+        return _largest_traced(at, budget_bytes, guess or 1, limit)
+    except _NotTraced:  # the largest micro-batch known to fit, traced: never one that was not
+        fitting = [b for b, v in traced.items() if v <= budget_bytes]
+        return max(fitting) if fitting else None
+
+
+class _NotTraced(Exception):
+    """The step could not be traced at a micro-batch the search asked for."""
 
 
 def _largest_traced(at: Callable[[int], int], budget: int, guess: int, limit: int, rounds: int = 24) -> int | None:

@@ -83,6 +83,12 @@ def test_a_plain_module_returning_a_dict_of_logits_is_traced_as_one_returning_th
     assert as_dict["memory"]["peak_bytes"] == plain["memory"]["peak_bytes"]
 
 
+def test_a_step_that_cannot_run_at_the_guessed_micro_batch_names_one_that_was_traced(capsys):
+    """The slope guesses far beyond 64, where the step cannot run: the answer is a micro-batch traced to fit."""
+    code, plan = _plan(capsys, "--model", "plan_models:batch_table", *RUN, "--memory-budget", "1GiB")
+    assert code == 0 and plan["decision"] == "fits" and 4 <= plan["memory"]["max_batch_size"] <= 64
+
+
 def test_analytic_settings_are_said_to_be_ignored_for_a_traced_model(capsys):
     _, plain = _plan(capsys, "--model", "plan_models:llama", *RUN)
     _, flagged = _plan(capsys, "--model", "plan_models:llama", *RUN, "--activation-checkpointing", "--keep-logits")
