@@ -57,7 +57,9 @@ def test_wandb_usage_chart_compares_run_file(tmp_path):
     media = media_in_history(history_rows(recs))
     chart = load_table(run_dir, media["budget/wandb_chart_table"])
     actual = [v for _, k, v in chart["data"] if k == "actual"]
-    assert actual and all(v > 0 for v in actual)
+    # the run file's real size at each point: it only grows, and is written by the end (wandb 0.17's Python
+    # writer may not have flushed anything at the first point: 0 there is the truth, seen on the oldest pins)
+    assert actual and actual == sorted(actual) and actual[-1] > 0
     assert os.path.getsize(glob.glob(os.path.join(run_dir, "run-*.wandb"))[0]) >= actual[-1]
 
 
