@@ -40,6 +40,13 @@ def _fit_forecast(tmp_path, module):
     return cb.forecast.to_dict()
 
 
+def _same_forecast(planned: dict, fitted: dict) -> None:
+    """The plan's peak, method and parameter count are the fit-start forecast's own."""
+    assert planned["memory"]["peak_bytes"] == fitted["memory"]["peak_bytes"] > 0
+    assert planned["memory"]["activations_method"] == fitted["memory"]["activations_method"]
+    assert planned["params"]["total"] == fitted["params"]["total"]
+
+
 @pytest.mark.parametrize("name", ["llama", "untyped_gpt", "deep_gpt", "manual", "lens", "demo", "onecycle"])
 def test_plan_model_is_the_callbacks_own_forecast_of_the_same_run(tmp_path, capsys, name):
     import plan_models
@@ -48,10 +55,8 @@ def test_plan_model_is_the_callbacks_own_forecast_of_the_same_run(tmp_path, caps
     torch.manual_seed(0)
     fitted = _fit_forecast(tmp_path, plan_models.FACTORIES[name]())
     assert code == 0
-    assert planned["memory"]["peak_bytes"] == fitted["memory"]["peak_bytes"] > 0
+    _same_forecast(planned, fitted)
     assert planned["memory"]["peak_phase"] == fitted["memory"]["peak_phase"]
-    assert planned["memory"]["activations_method"] == fitted["memory"]["activations_method"]
-    assert planned["params"]["total"] == fitted["params"]["total"]
     assert planned["storage"]["snapshot_bytes"] == fitted["storage"]["snapshot_bytes"]
     for key in ("optimizer", "momentum"):  # the optimizer the model configures, not --optimizer's default
         assert planned["run"][key] == fitted["run"][key], key
@@ -71,9 +76,7 @@ def test_plan_model_of_hugging_face_models_is_the_callbacks_own_forecast(tmp_pat
     torch.manual_seed(0)
     fitted = _fit_forecast(tmp_path, plan_models.HUGGING_FACE[name]())
     assert code == 0
-    assert planned["memory"]["peak_bytes"] == fitted["memory"]["peak_bytes"] > 0
-    assert planned["memory"]["activations_method"] == fitted["memory"]["activations_method"]
-    assert planned["params"]["total"] == fitted["params"]["total"]
+    _same_forecast(planned, fitted)
 
 
 def test_a_plain_module_returning_a_dict_of_logits_is_traced_as_one_returning_them(capsys):
